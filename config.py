@@ -1,0 +1,200 @@
+"""Command-line flags. Names follow the RAM code the seed forked, so its commands keep working."""
+
+import argparse
+import sys
+
+from model import LossWeights
+from modules import OBJECTIVES, POLICIES, ModelConfig
+from utils import UserError, str2bool
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage dump) with exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _bool(text):
+    try:
+        return str2bool(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _int_at_least(low):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    parse.__name__ = f"whole number >= {low}"
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def _weight(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of at least 0, got {text}")
+    return value
+
+
+def build_parser():
+    p = _Parser(prog="main.py", description="Train or test the unsupervised recurrent attention "
+                "model (RAM with an autoencoder head) on CIFAR-10.")
+
+    glimpse = p.add_argument_group("glimpse sensor and networks")
+    glimpse.add_argument("--patch_size", type=_positive_int, default=6,
+                         help="side g of the smallest (finest) patch of a glimpse, in pixels")
+    glimpse.add_argument("--glimpse_scale", type=_positive_int, default=2,
+                         help="each further patch is this many times wider: g, g*s, g*s^2, ...")
+    glimpse.add_argument("--num_patches", type=_positive_int, default=3,
+                         help="patches per glimpse, each pooled down to g x g")
+    glimpse.add_argument("--glimpse_hidden", type=_positive_int, default=128,
+                         help="width of the layer that reads the patches ('what')")
+    glimpse.add_argument("--loc_hidden", type=_positive_int, default=128,
+                         help="width of the layer that reads the location ('where')")
+
+    core = p.add_argument_group("core and policy")
+    core.add_argument("--num_glimpses", type=_positive_int, default=9,
+                      help="glimpses per image (recurrent steps)")
+    core.add_argument("--hidden_size", type=_positive_int, default=256,
+                      help="width of the core RNN's state h_t")
+    core.add_argument("--std", type=_positive_float, default=0.05,
+                      help="standard deviation of the Gaussian location policy (locations are "
+                      "in [-1, 1])")
+    core.add_argument("--policy", choices=POLICIES, default="learned",
+                      help="where glimpses go: learned (REINFORCE), random (uniform) or centre; "
+                      "the last two are ablations")
+    core.add_argument("--M", type=_positive_int, default=10,
+                      help="Monte Carlo samples of the glimpse path averaged at validation and "
+                      "test")
+
+    loss = p.add_argument_group("objective and loss weights")
+    loss.add_argument("--objective", choices=OBJECTIVES, default="unsupervised",
+                      help="unsupervised: reconstruction trains the model, labels reach only "
+                      "a probe on the detached final state; supervised: RAM's hybrid loss")
+    for name, default, what in (
+        ("recon_weight", 1.0, "reconstruction MSE"),
+        ("classify_weight", 1.0, "classification NLL (the probe's, under unsupervised)"),
+        ("reinforce_weight", 1.0, "REINFORCE term of the location policy"),
+        ("baseline_weight", 1.0, "baseline's MSE to the return"),
+    ):
+        loss.add_argument(f"--{name}", type=_weight, default=default,
+                          help=f"weight of the {what} in the loss")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--data_dir", default="./data",
+                      help="where CIFAR-10 is looked for and cached")
+    data.add_argument("--valid_size", type=_fraction, default=0.1,
+                      help="fraction of the training split held out for validation (fixed split)")
+    data.add_argument("--batch_size", type=_positive_int, default=128,
+                      help="images per batch (per process under torchrun)")
+    data.add_argument("--num_workers", type=_non_negative_int, default=0,
+                      help="worker processes that assemble batches; the data is in memory, so 0 "
+                      "is usually fastest")
+
+    train = p.add_argument_group("training")
+    train.add_argument("--is_train", type=_bool, default=True,
+                       help="true: train; false: test a checkpoint on the test split")
+    train.add_argument("--epochs", type=_positive_int, default=200,
+                       help="most epochs to train")
+    train.add_argument("--init_lr", type=_positive_float, default=3e-4,
+                       help="Adam's initial learning rate")
+    train.add_argument("--lr_patience", type=_positive_int, default=20,
+                       help="epochs without a better validation accuracy before the learning "
+                       "rate is cut by 10x")
+    train.add_argument("--train_patience", type=_positive_int, default=50,
+                       help="epochs without a better validation accuracy before training stops")
+    train.add_argument("--random_seed", type=int, default=1, help="seed of every random stream")
+    train.add_argument("--device", default="auto",
+                       help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    train.add_argument("--resume", type=_bool, default=False,
+                       help="continue from the latest checkpoint of this model")
+
+    out = p.add_argument_group("checkpoints and logs")
+    out.add_argument("--ckpt_dir", default="./ckpt",
+                     help="checkpoints go to <ckpt_dir>/<model name>/")
+    out.add_argument("--ckpt_freq", type=_positive_int, default=1,
+                     help="keep the numbered checkpoint of every Nth epoch (best and latest are "
+                     "always kept)")
+    out.add_argument("--best", type=_bool, default=True,
+                     help="with --is_train=false and no --model_epoch: test the best (true) or "
+                     "the latest (false) checkpoint")
+    out.add_argument("--model_epoch", type=_positive_int, default=None,
+                     help="with --is_train=false: test the checkpoint of this epoch")
+    out.add_argument("--logs_dir", default="./logs", help="TensorBoard runs go here")
+    out.add_argument("--use_tensorboard", type=_bool, default=False,
+                     help="write TensorBoard scalars to <logs_dir>/<model name>/")
+    out.add_argument("--plot_dir", default="./plots",
+                     help="per-epoch glimpse data for plot_glimpses.py goes to "
+                     "<plot_dir>/<model name>/")
+    out.add_argument("--plot_freq", type=_positive_int, default=1,
+                     help="write glimpse data every Nth epoch")
+    out.add_argument("--print_freq", type=_positive_int, default=10,
+                     help="refresh the progress bar's loss figures every Nth batch")
+    return p
+
+
+def parse_args(argv=None):
+    """Parse flags; unknown or misspelt flags are errors (exit 2, one line)."""
+    return build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+
+
+def model_config(args, **overrides):
+    """The ModelConfig the flags describe; a combination it cannot be built with is a UserError."""
+    fields = {name: getattr(args, name) for name in (
+        "patch_size", "glimpse_scale", "num_patches", "glimpse_hidden", "loc_hidden",
+        "hidden_size", "num_glimpses", "std", "policy", "objective")}
+    try:
+        return ModelConfig(**{**fields, **overrides})
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def loss_weights(args):
+    return LossWeights(recon_weight=args.recon_weight, classify_weight=args.classify_weight,
+                       reinforce_weight=args.reinforce_weight,
+                       baseline_weight=args.baseline_weight)
+
+
+def model_name(cfg: ModelConfig):
+    """ram_<glimpses>_<g>x<g>_<scale>, with the objective and policy appended when not default."""
+    name = f"ram_{cfg.num_glimpses}_{cfg.patch_size}x{cfg.patch_size}_{cfg.glimpse_scale}"
+    if cfg.num_patches != ModelConfig.num_patches:
+        name += f"_k{cfg.num_patches}"
+    if cfg.objective != ModelConfig.objective:
+        name += f"_{cfg.objective}"
+    if cfg.policy != ModelConfig.policy:
+        name += f"_{cfg.policy}"
+    return name

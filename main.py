@@ -1,0 +1,67 @@
+"""Entry point: `python3 main.py` trains, `python3 main.py --is_train=False` tests."""
+
+import os
+import sys
+
+from config import loss_weights, model_config, model_name, parse_args
+from data_loader import cifar10_loaders, cifar10_test_loader
+from trainer import Trainer
+from utils import UserError, check_writable, pick_device, seed_everything
+
+
+def train(args, trainer):
+    check_writable(args.ckpt_dir, "--ckpt_dir")
+    if args.resume:
+        path = trainer.checkpoint_path(best=False)
+        trainer.load(path, resume=True)
+        print(f"resuming {trainer.name} from {path} after epoch {trainer.epoch}")
+    pin = trainer.device.type == "cuda"
+    train_loader, valid_loader = cifar10_loaders(
+        args.data_dir, args.batch_size, args.valid_size, args.num_workers, trainer.generator, pin)
+    print(f"training {trainer.name} on {trainer.device}: {len(train_loader.dataset)} train and "
+          f"{len(valid_loader.dataset)} validation images, {args.epochs} epochs at most")
+    writer = None
+    if args.use_tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(args.logs_dir, trainer.name))
+    try:
+        trainer.fit(train_loader, valid_loader, writer)
+    finally:
+        if writer is not None:
+            writer.close()
+    print(f"best validation accuracy {trainer.best_valid_acc:.2f}%; checkpoints in "
+          f"{trainer.ckpt_folder}")
+
+
+def test(args, trainer):
+    path = trainer.checkpoint_path(args.model_epoch, args.best)
+    trainer.load(path)
+    loader = cifar10_test_loader(args.data_dir, args.batch_size, args.num_workers,
+                                 trainer.device.type == "cuda")
+    m = trainer.test(loader)
+    print(f"test {trainer.name} epoch {trainer.epoch} ({path}), M={args.M}: "
+          f"accuracy {m['acc']:.2f}% (error {100 - m['acc']:.2f}%) | reconstruction mse "
+          f"{m['mse']:.5f} psnr {m['psnr']:.2f} dB | location spread {m['loc_spread']:.3f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        cfg = model_config(args)
+        weights = loss_weights(args)
+        device = pick_device(args.device)
+        seed_everything(args.random_seed)
+        trainer = Trainer(cfg, weights, args, model_name(cfg), device)
+        (train if args.is_train else test)(args, trainer)
+    except UserError as e:
+        print(f"main.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("main.py: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

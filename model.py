@@ -1,0 +1,194 @@
+"""The recurrent attention model with an autoencoder head, its rollout and its losses."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from modules import (
+    BaselineNetwork,
+    Classifier,
+    CoreNetwork,
+    Decoder,
+    GlimpseNetwork,
+    LocationNetwork,
+    ModelConfig,
+    Retina,
+)
+
+
+@dataclass
+class Rollout:
+    """Everything one pass of T glimpses over a batch produced. Shapes use T steps, B images.
+
+    locations: (T, B, 2) where glimpse t was taken, the first glimpse first.
+    loc_means: (T, B, 2) where the policy aimed (its mean; the location itself when not learned).
+    log_pi: (T, B) log-probability of each location under the policy (zeros if not learned).
+    baselines: (T, B) value estimate made before each glimpse was chosen.
+    log_probs: (B, num_classes) class log-probabilities from the final state.
+    decoded: (T, B, C, H, W) decoder output of each step (None when only the end is decoded).
+    recon: (T, B, C, H, W) cumulative reconstruction after each step, in [0, 1] pixel units;
+        (1, B, C, H, W), the final one alone, when only the end is decoded.
+    patches: (T, B, k, C, g, g) the normalised patches the sensor delivered, or None.
+    """
+
+    locations: torch.Tensor
+    loc_means: torch.Tensor
+    log_pi: torch.Tensor
+    baselines: torch.Tensor
+    log_probs: torch.Tensor
+    decoded: torch.Tensor | None
+    recon: torch.Tensor
+    patches: torch.Tensor | None = None
+
+
+class RecurrentAttention(nn.Module):
+    """RAM (Mnih et al., 2014) with a decoder that rebuilds the image from the glimpses.
+
+    For t = 1..T:  l_t ~ pi(. | h_{t-1}),  h_t = core(glimpse(retina(x, l_t), l_t), h_{t-1}),
+    x_hat_t = sum_{tau <= t} decoder(h_tau).  h_0 = 0, so the first location is learned too.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.retina = Retina(cfg)
+        self.glimpse = GlimpseNetwork(cfg)
+        self.core = CoreNetwork(cfg)
+        self.locator = LocationNetwork(cfg)
+        self.baseline = BaselineNetwork(cfg)
+        self.classifier = Classifier(cfg)
+        self.decoder = Decoder(cfg)
+        shape = (1, cfg.num_channels, 1, 1)
+        self.register_buffer("mean", torch.tensor(cfg.pixel_mean).view(shape), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.pixel_std).view(shape), persistent=False)
+
+    def normalize(self, x):
+        return (x - self.mean) / self.std
+
+    def unnormalize(self, x):
+        return x * self.std + self.mean
+
+    def _choose_location(self, h):
+        """Next location, its log-probability and the policy's mean, by the configured policy."""
+        policy = self.cfg.policy
+        if policy == "learned":
+            return self.locator(h)
+        if policy == "random":
+            l = torch.rand(h.shape[0], 2, device=h.device, dtype=h.dtype) * 2 - 1
+        else:  # centre
+            l = h.new_zeros(h.shape[0], 2)
+        return l, h.new_zeros(h.shape[0]), l
+
+    def forward(self, x, keep_patches=False, every_step=True):
+        """Roll out all glimpses over a batch.
+
+        Args:
+            x: (B, C, H, W) images in [0, 1].
+            keep_patches: also return the patches (for the glimpse plots).
+            every_step: decode every step (training, plots); if false, only the final image
+                is decoded, in one matrix product (evaluation).
+
+        Returns:
+            A `Rollout`.
+        """
+        cfg = self.cfg
+        prepared = self.retina.prepare(self.normalize(x))  # once per batch, reused every step
+        h = x.new_zeros(x.shape[0], cfg.hidden_size)  # (B, hidden)
+        states, locations, means, log_pis, baselines, patches = [], [], [], [], [], []
+        for _ in range(cfg.num_glimpses):
+            l, log_pi, mu = self._choose_location(h)  # (B, 2), (B,), (B, 2)
+            baselines.append(self.baseline(h))  # value of the state the choice was made in
+            phi = self.retina(prepared, l)  # (B, k, C, g, g)
+            h = self.core(self.glimpse(phi, l), h)  # (B, hidden)
+            states.append(h)
+            locations.append(l)
+            means.append(mu)
+            log_pis.append(log_pi)
+            if keep_patches:
+                patches.append(phi)
+        final = h if cfg.objective == "supervised" else h.detach()  # unsupervised: a probe
+        states = torch.stack(states)  # (T, B, hidden)
+        if every_step:
+            decoded, recon = self.decoder(states)  # (T, B, C, H, W) each
+        else:
+            decoded, recon = None, self.decoder.final(states)  # None, (1, B, C, H, W)
+        return Rollout(
+            locations=torch.stack(locations),
+            loc_means=torch.stack(means),
+            log_pi=torch.stack(log_pis),
+            baselines=torch.stack(baselines),
+            log_probs=self.classifier(final),
+            decoded=decoded,
+            recon=recon,
+            patches=torch.stack(patches) if keep_patches else None,
+        )
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the terms of the training loss (flags of the same names)."""
+
+    recon_weight: float = 1.0
+    classify_weight: float = 1.0
+    reinforce_weight: float = 1.0
+    baseline_weight: float = 1.0
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"--{name} must be a finite number of at least 0, got {value}")
+
+
+ADVANTAGE_EPS = 1e-6
+
+
+def reconstruction_errors(recon, x):
+    """Mean squared error per image: (..., C, H, W) against (B, C, H, W) -> (...)."""
+    return (recon - x).pow(2).flatten(-3).mean(-1)
+
+
+def compute_losses(out: Rollout, x, y, objective, weights: LossWeights):
+    """All terms of the training loss, and their weighted sum under `total`.
+
+    recon: mean over steps and images of the MSE between x_hat_t and x; it trains the
+        retina's consumers, core and decoder under both objectives.
+    classify: NLL of the labels. Under `unsupervised` the classifier reads a detached state,
+        so this trains the probe alone; under `supervised` it trains the whole network.
+    reinforce: -sum_t log pi(l_t) * A_t with A_t = G_t - b_t, standardised over the batch.
+        Returns: `unsupervised` rewards each glimpse with -MSE after it (higher is a better
+        reconstruction) and G_t sums the rewards from step t on; `supervised` gives reward 1
+        for a correct final classification, so G_t is 1 or 0 for every step.
+    baseline: MSE between b_t and G_t.
+    """
+    errors = reconstruction_errors(out.recon, x)  # (T, B)
+    losses = {"recon": errors.mean(), "classify": F.nll_loss(out.log_probs, y)}
+    if objective == "unsupervised":
+        rewards = -errors.detach()  # (T, B)
+        returns = rewards.flip(0).cumsum(0).flip(0)  # (T, B) reward-to-go
+    else:
+        correct = (out.log_probs.detach().argmax(-1) == y).to(errors.dtype)  # (B,)
+        returns = correct.expand_as(errors)  # (T, B)
+    advantage = returns - out.baselines.detach()  # (T, B)
+    if advantage.shape[1] > 1:
+        # Centre and scale each step's advantages over the batch: the baseline is poor early
+        # in training, and this keeps the policy's step size independent of the reward's units
+        # (MSE in the one objective, 0/1 in the other).
+        advantage = (advantage - advantage.mean(1, keepdim=True)) / (
+            advantage.std(1, keepdim=True) + ADVANTAGE_EPS)
+    losses["reinforce"] = -(out.log_pi * advantage).sum(0).mean()
+    losses["baseline"] = F.mse_loss(out.baselines, returns)
+    losses["total"] = (
+        weights.recon_weight * losses["recon"]
+        + weights.classify_weight * losses["classify"]
+        + weights.reinforce_weight * losses["reinforce"]
+        + weights.baseline_weight * losses["baseline"]
+    )
+    return losses
+
+
+def psnr(mse, peak=1.0):
+    """Peak signal-to-noise ratio in dB of a mean squared error, for pixels in [0, peak]."""
+    return 10.0 * math.log10(peak**2 / max(mse, 1e-12))

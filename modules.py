@@ -1,0 +1,341 @@
+"""The networks of the recurrent attention model, one `nn.Module` per idea.
+
+Conventions used throughout:
+    B: batch size, C: image channels, H, W: image height and width,
+    k: patches per glimpse, g: patch size, T: number of glimpses.
+Images are (B, C, H, W). A location `l` is (B, 2) in [-1, 1]^2 ordered (x, y):
+x runs left to right along W, y top to bottom along H; (-1, -1) is the top-left corner.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Per-channel mean and std of the CIFAR-10 training images in [0, 1].
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every hyper-parameter of the model, checked once when built.
+
+    Defaults are the seed configuration: 9 glimpses of 3 patches (6, 12 and 24 px,
+    each pooled to 6x6) on 32x32 RGB images.
+    """
+
+    image_size: int = 32
+    num_channels: int = 3
+    num_classes: int = 10
+    patch_size: int = 6
+    glimpse_scale: int = 2
+    num_patches: int = 3
+    glimpse_hidden: int = 128
+    loc_hidden: int = 128
+    hidden_size: int = 256
+    num_glimpses: int = 9
+    std: float = 0.05
+    policy: str = "learned"
+    objective: str = "unsupervised"
+    pixel_mean: tuple = CIFAR10_MEAN
+    pixel_std: tuple = CIFAR10_STD
+
+    def __post_init__(self):
+        for name in ("image_size", "num_channels", "num_classes", "patch_size", "glimpse_scale",
+                     "num_patches", "glimpse_hidden", "loc_hidden", "hidden_size", "num_glimpses"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{name} must be a whole number of at least 1, got {value!r}")
+        if not self.std > 0:
+            raise ValueError(f"--std must be greater than 0, got {self.std}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if not len(self.pixel_mean) == len(self.pixel_std) == self.num_channels:
+            raise ValueError(f"pixel_mean and pixel_std need {self.num_channels} values each")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(
+                f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.num_patches > 1 and self.glimpse_scale < 2:
+            raise ValueError("--glimpse_scale must be at least 2 when --num_patches > 1 "
+                             "(scale 1 would take the same patch several times)")
+        if self.largest_patch > 4 * self.image_size:
+            raise ValueError(
+                f"the largest patch is {self.largest_patch} px (patch_size * glimpse_scale ** "
+                f"(num_patches - 1)), more than 4x the {self.image_size} px image: "
+                "lower --patch_size, --glimpse_scale or --num_patches")
+
+    @property
+    def patch_sizes(self):
+        """Side of each patch before pooling: g, g*s, g*s^2, ..."""
+        return [self.patch_size * self.glimpse_scale**i for i in range(self.num_patches)]
+
+    @property
+    def largest_patch(self):
+        return self.patch_sizes[-1]
+
+    @property
+    def glimpse_numel(self):
+        """Length of one flattened glimpse: k * C * g * g."""
+        return self.num_patches * self.num_channels * self.patch_size**2
+
+    @property
+    def image_numel(self):
+        return self.num_channels * self.image_size**2
+
+
+POLICIES = ("learned", "random", "centre")
+OBJECTIVES = ("unsupervised", "supervised")
+
+
+def location_to_pixels(l, image_size):
+    """Map locations in [-1, 1] to integer pixel centres in [0, image_size].
+
+    A patch of side S centred at pixel c covers [c - S // 2, c - S // 2 + S). With this mapping
+    l = 0 puts an even-sized patch exactly in the middle of an even-sized image, and l = -1 / +1
+    put the patch centre on the image border, half of the patch outside. The sensor and the
+    plots both call this function, so a drawn box is always where the pixels came from.
+
+    Args:
+        l: (..., 2) locations (x, y) in [-1, 1].
+        image_size: side of the square image in pixels.
+
+    Returns:
+        (..., 2) long tensor of pixel centres (x, y).
+    """
+    centre = torch.floor((l.detach().float() + 1.0) * (image_size / 2.0)).long()
+    return centre.clamp(0, image_size)
+
+
+def patch_corners(l, image_size, patch_sizes):
+    """Top-left pixel (x, y) of every patch of a glimpse at `l`.
+
+    Args:
+        l: (..., 2) locations in [-1, 1].
+        image_size: side of the image in pixels.
+        patch_sizes: the k patch sides.
+
+    Returns:
+        (..., k, 2) long tensor; may be negative or past the image where patches stick out.
+    """
+    centre = location_to_pixels(l, image_size).unsqueeze(-2)  # (..., 1, 2)
+    half = torch.tensor([s // 2 for s in patch_sizes], device=centre.device)  # (k,)
+    return centre - half.view(-1, 1)  # (..., k, 2)
+
+
+class Retina(nn.Module):
+    """Glimpse sensor: k square patches of sides g*s^i around `l`, each average-pooled to g x g.
+
+    phi(x, l) = [pool_{s^i}(crop_{g s^i}(x, l))]_{i < k}, zero outside the image.
+
+    The image does not change between glimpses, so `prepare` does the pooling once per batch:
+    it zero-pads the image and box-filters it with a stride-1 s^i x s^i mean for every scale.
+    Every pooled patch value is then one pixel of that filtered image, and `forward` is a single
+    gather per glimpse. This gives the same numbers as cropping and pooling each patch, which
+    the tests check against a direct crop.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        # Enough padding that a patch centred anywhere in [0, image_size] stays inside.
+        self.pad = cfg.largest_patch
+        g = cfg.patch_size
+        offsets = torch.arange(g)
+        # Offset of each pooled pixel of patch i from the patch corner: (k, g) in pixels.
+        steps = torch.stack([offsets * cfg.glimpse_scale**i for i in range(cfg.num_patches)])
+        self.register_buffer("steps", steps, persistent=False)
+
+    def prepare(self, x):
+        """Box-filter the zero-padded image at every scale.
+
+        Args:
+            x: (B, C, H, W) images.
+
+        Returns:
+            (B, k, C, Hp * Hp) filtered images, flattened for `forward`'s gather, Hp = H + 2 pad.
+        """
+        cfg = self.cfg
+        padded = F.pad(x, (self.pad,) * 4)  # (B, C, Hp, Hp)
+        scales = []
+        for i in range(cfg.num_patches):
+            f = cfg.glimpse_scale**i
+            pooled = F.avg_pool2d(padded, f, stride=1) if f > 1 else padded  # (B, C, Hp-f+1, ..)
+            # Pad back to Hp so all scales stack; the extra cells are never gathered.
+            scales.append(F.pad(pooled, (0, f - 1, 0, f - 1)))
+        stacked = torch.stack(scales, dim=1)  # (B, k, C, Hp, Hp)
+        return stacked.flatten(3).contiguous()  # (B, k, C, Hp*Hp)
+
+    def forward(self, prepared, l):
+        """Take one glimpse per image.
+
+        Args:
+            prepared: (B, k, C, Hp*Hp) output of `prepare`.
+            l: (B, 2) locations in [-1, 1].
+
+        Returns:
+            (B, k, C, g, g) pooled patches.
+        """
+        cfg = self.cfg
+        B, k, C, _ = prepared.shape
+        g = cfg.patch_size
+        side = cfg.image_size + 2 * self.pad
+        corner = patch_corners(l, cfg.image_size, cfg.patch_sizes) + self.pad  # (B, k, 2)
+        cols = corner[..., 0:1] + self.steps  # (B, k, g)
+        rows = corner[..., 1:2] + self.steps  # (B, k, g)
+        index = rows.unsqueeze(-1) * side + cols.unsqueeze(-2)  # (B, k, g, g)
+        index = index.view(B, k, 1, g * g).expand(B, k, C, g * g)
+        return prepared.gather(3, index).view(B, k, C, g, g)
+
+
+class GlimpseNetwork(nn.Module):
+    """Combine "what" (the patches) and "where" (the location) into one feature vector.
+
+    g_t = relu(W_what relu(W_phi phi_t) + W_where relu(W_l l_t))
+
+    Args of forward:
+        phi: (B, k, C, g, g) patches from the retina.
+        l: (B, 2) the location they were taken at.
+    Returns:
+        g_t: (B, hidden_size).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc_phi = nn.Linear(cfg.glimpse_numel, cfg.glimpse_hidden)
+        self.fc_l = nn.Linear(2, cfg.loc_hidden)
+        self.fc_what = nn.Linear(cfg.glimpse_hidden, cfg.hidden_size)
+        self.fc_where = nn.Linear(cfg.loc_hidden, cfg.hidden_size)
+
+    def forward(self, phi, l):
+        what = self.fc_what(F.relu(self.fc_phi(phi.flatten(1))))  # (B, hidden)
+        where = self.fc_where(F.relu(self.fc_l(l)))  # (B, hidden)
+        return F.relu(what + where)
+
+
+class CoreNetwork(nn.Module):
+    """Elman RNN that integrates the glimpses.
+
+    h_t = relu(W_g g_t + W_h h_{t-1})
+
+    Args of forward:
+        g_t: (B, hidden_size) glimpse feature.
+        h_prev: (B, hidden_size) previous state.
+    Returns:
+        h_t: (B, hidden_size).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.i2h = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.h2h = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, g_t, h_prev):
+        return F.relu(self.i2h(g_t) + self.h2h(h_prev))
+
+
+class LocationNetwork(nn.Module):
+    """Gaussian policy over the next location, with a fixed standard deviation.
+
+    mu = tanh(W_2 relu(W_1 h_t)),   l ~ N(mu, std^2 I),   l_used = clamp(l, -1, 1)
+
+    The state is detached, so the policy learns only through the REINFORCE term and never
+    pushes gradient into the core. The sample is detached: it is an action, not a function
+    of the weights. The log-probability is that of the raw sample; the clamp is treated as part
+    of the environment, which keeps the score-function estimate unbiased.
+
+    Args of forward:
+        h: (B, hidden_size) state.
+    Returns:
+        l: (B, 2) detached location in [-1, 1].
+        log_pi: (B,) log-probability of the sample under the policy.
+        mu: (B, 2) detached mean of the policy.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.std = cfg.std
+        width = max(1, cfg.hidden_size // 2)
+        self.fc = nn.Linear(cfg.hidden_size, width)
+        self.fc_mu = nn.Linear(width, 2)
+
+    def forward(self, h):
+        mu = torch.tanh(self.fc_mu(F.relu(self.fc(h.detach()))))  # (B, 2)
+        sample = (mu + self.std * torch.randn_like(mu)).detach()  # (B, 2)
+        log_pi = torch.distributions.Normal(mu, self.std).log_prob(sample).sum(-1)  # (B,)
+        return sample.clamp(-1.0, 1.0), log_pi, mu.detach()
+
+
+class BaselineNetwork(nn.Module):
+    """Value estimate used to reduce the variance of REINFORCE.
+
+    b_t = W h_t  (on the detached state; trained by MSE to the return)
+
+    Args of forward:
+        h: (..., hidden_size).
+    Returns:
+        b: (...,).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.hidden_size, 1)
+
+    def forward(self, h):
+        return self.fc(h.detach()).squeeze(-1)
+
+
+class Classifier(nn.Module):
+    """Class scores from the final state: log softmax(W h_T).
+
+    Under the unsupervised objective it is fed a detached state and is only a probe.
+
+    Args of forward:
+        h: (B, hidden_size).
+    Returns:
+        (B, num_classes) log-probabilities.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.hidden_size, cfg.num_classes)
+
+    def forward(self, h):
+        return F.log_softmax(self.fc(h), dim=-1)
+
+
+class Decoder(nn.Module):
+    """Autoencoder head: each state is decoded to an image increment.
+
+    d_t = W h_t,   x_hat_t = sum_{tau <= t} d_tau
+
+    Args of forward:
+        h: (T, B, hidden_size) states of all steps.
+    Returns:
+        d: (T, B, C, H, W) the output of each step.
+        x_hat: (T, B, C, H, W) cumulative predictions after each step.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.shape = (cfg.num_channels, cfg.image_size, cfg.image_size)
+        self.fc = nn.Linear(cfg.hidden_size, cfg.image_numel)
+
+    def forward(self, h):
+        steps = self.fc(h)  # (T, B, C*H*W): one matrix product for every step at once
+        shape = (*h.shape[:2], *self.shape)
+        return steps.view(shape), steps.cumsum(0).view(shape)  # (T, B, C, H, W) each
+
+    def final(self, h):
+        """The last cumulative prediction alone: sum_t (W h_t + b) = W sum_t h_t + T b.
+
+        One (B, hidden) x (hidden, C*H*W) product instead of T of them.
+
+        Args:
+            h: (T, B, hidden_size).
+        Returns:
+            (1, B, C, H, W).
+        """
+        out = F.linear(h.sum(0), self.fc.weight, self.fc.bias * h.shape[0])  # (B, C*H*W)
+        return out.view(1, h.shape[1], *self.shape)

@@ -1,0 +1,293 @@
+"""Training, evaluation and checkpoints. The maths lives in model.py; this file conducts."""
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data_loader import to_float
+from model import LossWeights, RecurrentAttention, compute_losses, psnr, reconstruction_errors
+from modules import ModelConfig
+from utils import UserError, atomic_write
+
+CKPT_SUFFIX = ".pth"
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept as it was."""
+
+
+def train_epoch(model, loader, optimizer, objective, weights, device, epoch, print_freq=10,
+                show_progress=True):
+    """One pass over `loader`. Returns the epoch's mean losses, accuracy and images per second.
+
+    Sums stay on the device and are read once per `print_freq` batches, so the step itself
+    never waits for the device to report a number.
+    """
+    model.train()
+    sums, correct, seen = {}, 0, 0
+    start = time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not show_progress)
+    for step, (images, labels) in enumerate(bar, start=1):
+        x, y = to_float(images, device), labels.to(device, non_blocking=True)
+        out = model(x)
+        losses = compute_losses(out, x, y, objective, weights)
+        if not torch.isfinite(losses["total"]):
+            raise NonFiniteLossError(f"the loss became {losses['total'].item()} at epoch {epoch}, "
+                                f"step {step}; lower --init_lr or check the data")
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        optimizer.step()
+        batch = y.shape[0]
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + value.detach() * batch
+        correct = correct + (out.log_probs.argmax(-1) == y).sum()
+        seen += batch
+        if step % print_freq == 0:
+            bar.set_postfix(loss=f"{sums['total'].item() / seen:.3f}",
+                            acc=f"{100 * correct.item() / seen:.1f}%")
+    elapsed = time.perf_counter() - start
+    metrics = {f"train_{name}": value.item() / seen for name, value in sums.items()}
+    metrics["train_acc"] = 100.0 * correct.item() / seen
+    metrics["train_images_per_s"] = seen / elapsed
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model, loader, M, device):
+    """Accuracy, reconstruction MSE and PSNR over `loader`, with M sampled glimpse paths each.
+
+    The class probabilities of the M paths are averaged before the argmax (as in RAM); the
+    reconstruction error is the mean over paths of the error after the last glimpse, so it is
+    the error of one real path, not of an average of paths.
+    loc_spread is the std across images of where the policy aims (its mean, without the
+    exploration noise), averaged over steps and axes: 0 means every image gets the same path;
+    uniform random locations give about 0.58.
+    """
+    model.eval()
+    correct, sq_err, spread, seen = 0, 0.0, 0.0, 0
+    for images, labels in loader:
+        x, y = to_float(images, device), labels.to(device, non_blocking=True)
+        batch = y.shape[0]
+        out = model(x.repeat(M, 1, 1, 1), every_step=False)  # M independent paths per image
+        probs = out.log_probs.exp().view(M, batch, -1).mean(0)  # (B, classes)
+        correct = correct + (probs.argmax(-1) == y).sum()
+        errors = reconstruction_errors(out.recon[-1].view(M, batch, *x.shape[1:]), x)  # (M, B)
+        sq_err = sq_err + errors.mean(0).sum()
+        if batch > 1:
+            spread = spread + out.loc_means[:, :batch].std(1).mean() * batch  # first path
+        seen += batch
+    mse = sq_err.item() / seen
+    return {"acc": 100.0 * correct.item() / seen, "mse": mse, "psnr": psnr(mse),
+            "loc_spread": float(spread) / seen}
+
+
+def rng_state():
+    """Every random stream, as tensors and plain values (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def epochs_on_disk(folder):
+    """Sorted epoch numbers of the numbered checkpoints in `folder`."""
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        stem = name[: -len(CKPT_SUFFIX)] if name.endswith(CKPT_SUFFIX) else ""
+        if stem.startswith("epoch_") and stem[6:].isdigit():
+            found.append(int(stem[6:]))
+    return sorted(found)
+
+
+def link_or_copy(src, dst):
+    """Make `dst` hold the same bytes as `src`, atomically: a hard link where the file system
+    allows one (free and instant), a copy otherwise."""
+    tmp = f"{dst}.link.tmp"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+        os.replace(tmp, dst)
+    except OSError:
+        with open(src, "rb") as f:
+            data = f.read()
+        atomic_write(dst, lambda out: out.write(data))
+
+
+def load_checkpoint(path):
+    """Read a checkpoint safely (weights_only: tensors and plain values, no code)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint at {path}") from None
+    except Exception as e:  # truncated, not a checkpoint, or holding objects we never store
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} is not a readable checkpoint ({first[:200]}); "
+                        "use another epoch or retrain") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_config", "epoch"} <= ckpt.keys():
+        raise UserError(f"{path} is not a checkpoint of this project; use another file")
+    return ckpt
+
+
+class Trainer:
+    """Trains, validates, tests and checkpoints one model.
+
+    Args:
+        cfg: the model's configuration.
+        weights: loss weights.
+        args: the parsed flags (training and output options).
+        name: the model's name; outputs go to <ckpt_dir>/<name>/ and so on.
+        device: where the model runs.
+    """
+
+    def __init__(self, cfg: ModelConfig, weights: LossWeights, args, name, device):
+        self.cfg, self.weights, self.args, self.name, self.device = cfg, weights, args, name, device
+        self.ckpt_folder = os.path.join(args.ckpt_dir, name)
+        self.model = RecurrentAttention(cfg).to(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.init_lr)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="max", factor=0.1, patience=args.lr_patience)
+        self.generator = torch.Generator().manual_seed(args.random_seed)  # data order
+        self.epoch = 0
+        self.best_valid_acc = -math.inf
+        self.epochs_since_best = 0
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def state(self):
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "best_valid_acc": self.best_valid_acc,
+            "epochs_since_best": self.epochs_since_best,
+            "model_config": asdict(self.cfg),
+            "loss_weights": asdict(self.weights),
+            "data_generator": self.generator.get_state(),
+            "rng": rng_state(),
+        }
+
+    def save(self, is_best):
+        """Write latest.pth atomically, then point epoch_N.pth (every --ckpt_freq) and best.pth
+        at the same bytes. A crash at any moment leaves each file either old or new, whole."""
+        os.makedirs(self.ckpt_folder, exist_ok=True)
+        latest = os.path.join(self.ckpt_folder, "latest" + CKPT_SUFFIX)
+        state = self.state()
+        atomic_write(latest, lambda f: torch.save(state, f))
+        if self.epoch % self.args.ckpt_freq == 0:
+            link_or_copy(latest, os.path.join(self.ckpt_folder, f"epoch_{self.epoch}{CKPT_SUFFIX}"))
+        if is_best:
+            link_or_copy(latest, os.path.join(self.ckpt_folder, "best" + CKPT_SUFFIX))
+        return latest
+
+    def save_config(self):
+        os.makedirs(self.ckpt_folder, exist_ok=True)
+        text = json.dumps({"model_config": asdict(self.cfg), "loss_weights": asdict(self.weights),
+                           "flags": vars(self.args)}, indent=2, sort_keys=True)
+        path = os.path.join(self.ckpt_folder, "config.json")
+        atomic_write(path, lambda f: f.write(text.encode()))
+
+    def checkpoint_path(self, model_epoch=None, best=True):
+        if model_epoch is not None:
+            path = os.path.join(self.ckpt_folder, f"epoch_{model_epoch}{CKPT_SUFFIX}")
+            if not os.path.isfile(path):
+                found = epochs_on_disk(self.ckpt_folder)
+                listed = ", ".join(map(str, found)) if found else "none"
+                raise UserError(f"no checkpoint for epoch {model_epoch} in {self.ckpt_folder} "
+                                f"(epochs saved: {listed}); pass one of those to --model_epoch")
+            return path
+        path = os.path.join(self.ckpt_folder, ("best" if best else "latest") + CKPT_SUFFIX)
+        if not os.path.isfile(path):
+            raise UserError(f"no checkpoint at {path}; train first (python3 main.py) or check "
+                            "--ckpt_dir and the model flags")
+        return path
+
+    def load(self, path, resume=False):
+        """Load weights (and with `resume`, the whole training state) from `path`."""
+        ckpt = load_checkpoint(path)
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_config"].items()}
+        differing = [f"{k}: checkpoint {saved.get(k)!r}, flags {v!r}"
+                     for k, v in asdict(self.cfg).items() if saved.get(k) != v]
+        if differing:
+            raise UserError(f"{path} was trained with another model configuration "
+                            f"({'; '.join(differing)}); pass the same flags")
+        self.model.load_state_dict(ckpt["model"])
+        self.epoch = ckpt["epoch"]
+        if resume:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.best_valid_acc = ckpt["best_valid_acc"]
+            self.epochs_since_best = ckpt["epochs_since_best"]
+            self.generator.set_state(ckpt["data_generator"])
+            set_rng_state(ckpt["rng"])
+        return ckpt
+
+    # ---------------------------------------------------------------- loops
+
+    def fit(self, train_loader, valid_loader, writer=None, on_epoch_end=None):
+        """Train until --epochs or until --train_patience epochs bring no better accuracy."""
+        args = self.args
+        self.save_config()
+        while self.epoch < args.epochs:
+            if self.epochs_since_best >= args.train_patience:
+                print(f"stopping early: no better validation accuracy in {args.train_patience} "
+                      "epochs")
+                break
+            self.epoch += 1
+            start = time.perf_counter()
+            metrics = train_epoch(self.model, train_loader, self.optimizer, self.cfg.objective,
+                                  self.weights, self.device, self.epoch, args.print_freq)
+            valid = evaluate(self.model, valid_loader, args.M, self.device)
+            metrics.update({f"valid_{k}": v for k, v in valid.items()})
+            metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step(valid["acc"])
+            is_best = valid["acc"] > self.best_valid_acc
+            if is_best:
+                self.best_valid_acc, self.epochs_since_best = valid["acc"], 0
+            else:
+                self.epochs_since_best += 1
+            self.save(is_best)
+            if on_epoch_end is not None:
+                on_epoch_end(self)
+            metrics["epoch_s"] = time.perf_counter() - start
+            print(format_epoch(self.epoch, args.epochs, metrics, is_best), flush=True)
+            if writer is not None:
+                for key, value in metrics.items():
+                    writer.add_scalar(key, value, self.epoch)
+                writer.flush()
+
+    def test(self, test_loader):
+        return evaluate(self.model, test_loader, self.args.M, self.device)
+
+
+def format_epoch(epoch, epochs, m, is_best):
+    """The one summary line printed per epoch."""
+    return (f"epoch {epoch}/{epochs} | loss {m['train_total']:.4f} (recon {m['train_recon']:.4f}"
+            f" classify {m['train_classify']:.3f} reinforce {m['train_reinforce']:.3f}"
+            f" baseline {m['train_baseline']:.4f}) | train acc {m['train_acc']:.2f}%"
+            f" | valid acc {m['valid_acc']:.2f}% mse {m['valid_mse']:.4f}"
+            f" psnr {m['valid_psnr']:.2f} dB | {m['train_images_per_s']:.0f} img/s"
+            f" | {m['epoch_s']:.1f} s | lr {m['lr']:.1e}" + (" | best" if is_best else ""))
