@@ -70,8 +70,9 @@ def _weight(text):
 
 
 def build_parser():
-    p = _Parser(prog="main.py", description="Train or test the unsupervised recurrent attention "
-                "model (RAM with an autoencoder head) on CIFAR-10.")
+    p = _Parser(prog="main.py", allow_abbrev=False,
+                description="Train or test the unsupervised recurrent attention model (RAM with "
+                "an autoencoder head) on CIFAR-10.")
 
     glimpse = p.add_argument_group("glimpse sensor and networks")
     glimpse.add_argument("--patch_size", type=_positive_int, default=6,

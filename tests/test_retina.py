@@ -1,0 +1,90 @@
+"""The glimpse sensor takes exactly the pixels a hand computation says it should."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modules import ModelConfig, Retina, location_to_pixels, patch_corners
+
+
+def crop_and_pool(image, centre_x, centre_y, size, factor):
+    """The straightforward reference: crop a size x size patch (zeros outside), pool by factor."""
+    C, H, W = image.shape
+    patch = torch.zeros(C, size, size, dtype=image.dtype)
+    top, left = centre_y - size // 2, centre_x - size // 2
+    for r in range(size):
+        for c in range(size):
+            y, x = top + r, left + c
+            if 0 <= y < H and 0 <= x < W:
+                patch[:, r, c] = image[:, y, x]
+    return F.avg_pool2d(patch.unsqueeze(0), factor).squeeze(0) if factor > 1 else patch
+
+
+def glimpse(cfg, images, l):
+    retina = Retina(cfg)
+    return retina(retina.prepare(images), l)  # (B, k, C, g, g)
+
+
+def test_location_mapping_endpoints_and_centre():
+    l = torch.tensor([[-1.0, -1.0], [0.0, 0.0], [1.0, 1.0], [0.5, -0.25]])
+    assert location_to_pixels(l, 32).tolist() == [[0, 0], [16, 16], [32, 32], [24, 12]]
+
+
+def test_centre_glimpse_equals_hand_computed_crops():
+    cfg = ModelConfig()
+    images = torch.rand(2, 3, 32, 32)
+    phi = glimpse(cfg, images, torch.zeros(2, 2))
+    # l = 0 is pixel 16: the 6, 12 and 24 px patches start at 13, 10 and 4 on both axes.
+    assert torch.allclose(phi[:, 0], images[:, :, 13:19, 13:19])
+    assert torch.allclose(phi[:, 1], F.avg_pool2d(images[:, :, 10:22, 10:22], 2), atol=1e-6)
+    assert torch.allclose(phi[:, 2], F.avg_pool2d(images[:, :, 4:28, 4:28], 4), atol=1e-6)
+
+
+@pytest.mark.parametrize("l", [(-1.0, -1.0), (1.0, -1.0), (-1.0, 1.0), (1.0, 1.0),
+                               (0.5, -0.25), (-0.9, 0.7)])
+def test_corner_and_off_centre_glimpses_equal_reference(l):
+    cfg = ModelConfig()
+    images = torch.rand(1, 3, 32, 32)
+    phi = glimpse(cfg, images, torch.tensor([l]))
+    cx, cy = location_to_pixels(torch.tensor(l), 32).tolist()
+    for i, size in enumerate(cfg.patch_sizes):
+        expected = crop_and_pool(images[0], cx, cy, size, size // cfg.patch_size)
+        assert torch.allclose(phi[0, i], expected, atol=1e-6), (l, size)
+
+
+def test_corner_patch_is_half_outside_with_zeros():
+    cfg = ModelConfig()
+    images = torch.rand(1, 3, 32, 32) + 1.0  # strictly positive, so zeros can only be padding
+    phi = glimpse(cfg, images, torch.tensor([[-1.0, -1.0]]))
+    finest = phi[0, 0]  # centred on pixel (0, 0): rows and columns -3..2
+    assert torch.equal(finest[:, 3:, 3:], images[0, :, 0:3, 0:3])
+    assert (finest[:, :3, :] == 0).all() and (finest[:, :, :3] == 0).all()
+
+
+def test_x_runs_along_width_and_y_along_height():
+    images = torch.zeros(1, 1, 32, 32)
+    images[0, 0, 4, 28] = 1.0  # row 4 (top), column 28 (right)
+    cx, cy = 28, 4
+    l = torch.tensor([[cx / 16 - 1 + 1e-4, cy / 16 - 1 + 1e-4]])
+    cfg = ModelConfig(num_patches=1, num_channels=1, pixel_mean=(0.0,), pixel_std=(1.0,))
+    phi = glimpse(cfg, images, l)
+    assert phi[0, 0, 0, 3, 3] == 1.0  # the bright pixel sits at the patch's centre cell
+
+
+def test_batched_sensor_matches_reference_on_random_locations():
+    cfg = ModelConfig(patch_size=5, glimpse_scale=3, num_patches=3)  # 5, 15, 45 px: odd sizes
+    torch.manual_seed(0)
+    images = torch.rand(16, 3, 32, 32)
+    l = torch.rand(16, 2) * 2 - 1
+    phi = glimpse(cfg, images, l)
+    centres = location_to_pixels(l, 32).tolist()
+    for b, (cx, cy) in enumerate(centres):
+        for i, size in enumerate(cfg.patch_sizes):
+            expected = crop_and_pool(images[b], cx, cy, size, size // cfg.patch_size)
+            assert torch.allclose(phi[b, i], expected, atol=1e-5)
+
+
+def test_patch_corners_follow_the_mapping():
+    cfg = ModelConfig()
+    corners = patch_corners(torch.tensor([[0.0, 0.0]]), 32, cfg.patch_sizes)
+    assert corners.tolist() == [[[13, 13], [10, 10], [4, 4]]]
