@@ -140,6 +140,11 @@ def build_parser():
     train.add_argument("--random_seed", type=int, default=1, help="seed of every random stream")
     train.add_argument("--device", default="auto",
                        help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    train.add_argument("--amp", type=_bool, default=False,
+                       help="bf16 autocast (for CUDA; on the CPU it runs but is rarely faster)")
+    train.add_argument("--compile", type=_bool, default=False,
+                       help="torch.compile the model (slow first epoch; needs a C++ compiler "
+                       "on the CPU)")
     train.add_argument("--resume", type=_bool, default=False,
                        help="continue from the latest checkpoint of this model")
 

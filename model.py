@@ -28,7 +28,7 @@ class Rollout:
     log_pi: (T, B) log-probability of each location under the policy (zeros if not learned).
     baselines: (T, B) value estimate made before each glimpse was chosen.
     log_probs: (B, num_classes) class log-probabilities from the final state.
-    decoded: (T, B, C, H, W) decoder output of each step (None when only the end is decoded).
+    decoded: (T, B, C, H, W) decoder output of each step (None unless asked for, with patches).
     recon: (T, B, C, H, W) cumulative reconstruction after each step, in [0, 1] pixel units;
         (1, B, C, H, W), the final one alone, when only the end is decoded.
     patches: (T, B, k, C, g, g) the normalised patches the sensor delivered, or None.
@@ -87,7 +87,7 @@ class RecurrentAttention(nn.Module):
 
         Args:
             x: (B, C, H, W) images in [0, 1].
-            keep_patches: also return the patches (for the glimpse plots).
+            keep_patches: also return the patches and each step's decoder output (for the plots).
             every_step: decode every step (training, plots); if false, only the final image
                 is decoded, in one matrix product (evaluation).
 
@@ -111,17 +111,14 @@ class RecurrentAttention(nn.Module):
                 patches.append(phi)
         final = h if cfg.objective == "supervised" else h.detach()  # unsupervised: a probe
         states = torch.stack(states)  # (T, B, hidden)
-        if every_step:
-            decoded, recon = self.decoder(states)  # (T, B, C, H, W) each
-        else:
-            decoded, recon = None, self.decoder.final(states)  # None, (1, B, C, H, W)
+        recon = self.decoder(states) if every_step else self.decoder.final(states)
         return Rollout(
             locations=torch.stack(locations),
             loc_means=torch.stack(means),
             log_pi=torch.stack(log_pis),
             baselines=torch.stack(baselines),
             log_probs=self.classifier(final),
-            decoded=decoded,
+            decoded=self.decoder.steps(states) if keep_patches else None,
             recon=recon,
             patches=torch.stack(patches) if keep_patches else None,
         )
@@ -147,7 +144,9 @@ ADVANTAGE_EPS = 1e-6
 
 def reconstruction_errors(recon, x):
     """Mean squared error per image: (..., C, H, W) against (B, C, H, W) -> (...)."""
-    return (recon - x).pow(2).flatten(-3).mean(-1)
+    # mse_loss has a fused backward: about half the time of (recon - x).pow(2) on the CPU.
+    squared = F.mse_loss(recon, x.expand_as(recon), reduction="none")  # (..., C, H, W)
+    return squared.flatten(-3).mean(-1)
 
 
 def compute_losses(out: Rollout, x, y, objective, weights: LossWeights):

@@ -131,7 +131,7 @@ class Retina(nn.Module):
 
     The image does not change between glimpses, so `prepare` does the pooling once per batch:
     it zero-pads the image and box-filters it with a stride-1 s^i x s^i mean for every scale.
-    Every pooled patch value is then one pixel of that filtered image, and `forward` is a single
+    Every pooled patch value is then one pixel of a filtered image, and `forward` is a single
     gather per glimpse. This gives the same numbers as cropping and pooling each patch, which
     the tests check against a direct crop.
     """
@@ -139,13 +139,26 @@ class Retina(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        # Enough padding that a patch centred anywhere in [0, image_size] stays inside.
-        self.pad = cfg.largest_patch
-        g = cfg.patch_size
-        offsets = torch.arange(g)
-        # Offset of each pooled pixel of patch i from the patch corner: (k, g) in pixels.
-        steps = torch.stack([offsets * cfg.glimpse_scale**i for i in range(cfg.num_patches)])
-        self.register_buffer("steps", steps, persistent=False)
+        # A patch of side S centred on any pixel in [0, image_size] starts at least S // 2
+        # before the image and ends at most S - S // 2 after it.
+        self.pad = cfg.largest_patch - cfg.largest_patch // 2
+        s, g = cfg.glimpse_scale, cfg.patch_size
+        # Side of each scale's filtered image: an f-box at stride 1 loses f - 1 pixels, and
+        # scale i + 1's box is s boxes of scale i, f_i pixels apart.
+        self.sides = [cfg.image_size + 2 * self.pad]
+        for i in range(1, cfg.num_patches):
+            self.sides.append(self.sides[-1] - (s - 1) * s ** (i - 1))
+        self.offsets = [sum(side**2 for side in self.sides[:i]) for i in range(cfg.num_patches)]
+        # Where pooled cell (a, b) of patch i sits in `prepare`'s output when the glimpse is
+        # centred on pixel (0, 0); a glimpse centred on (cx, cy) adds cy * side_i + cx.
+        side = torch.tensor(self.sides).view(-1, 1, 1)  # (k, 1, 1)
+        corner = torch.tensor([[[self.pad - size // 2]] for size in cfg.patch_sizes])  # (k,1,1)
+        steps = torch.stack([torch.arange(g) * s**i for i in range(cfg.num_patches)])  # (k, g)
+        rows = corner + steps.unsqueeze(-1)  # (k, g, 1)
+        cols = corner + steps.unsqueeze(-2)  # (k, 1, g)
+        base = torch.tensor(self.offsets).view(-1, 1, 1) + rows * side + cols  # (k, g, g)
+        self.register_buffer("base_index", base, persistent=False)
+        self.register_buffer("side", side, persistent=False)
 
     def prepare(self, x):
         """Box-filter the zero-padded image at every scale.
@@ -154,39 +167,49 @@ class Retina(nn.Module):
             x: (B, C, H, W) images.
 
         Returns:
-            (B, k, C, Hp * Hp) filtered images, flattened for `forward`'s gather, Hp = H + 2 pad.
+            (B, C, L) the k filtered images, each flattened, one after the other
+            (L = sum of side_i^2), ready for `forward`'s gather.
         """
-        cfg = self.cfg
-        padded = F.pad(x, (self.pad,) * 4)  # (B, C, Hp, Hp)
-        scales = []
-        for i in range(cfg.num_patches):
-            f = cfg.glimpse_scale**i
-            pooled = F.avg_pool2d(padded, f, stride=1) if f > 1 else padded  # (B, C, Hp-f+1, ..)
-            # Pad back to Hp so all scales stack; the extra cells are never gathered.
-            scales.append(F.pad(pooled, (0, f - 1, 0, f - 1)))
-        stacked = torch.stack(scales, dim=1)  # (B, k, C, Hp, Hp)
-        return stacked.flatten(3).contiguous()  # (B, k, C, Hp*Hp)
+        cfg, pad = self.cfg, self.pad
+        B, C, H, W = x.shape
+        s = cfg.glimpse_scale
+        flat = x.new_empty(B, C, self.offsets[-1] + self.sides[-1] ** 2)  # (B, C, L)
+        levels = [flat[:, :, o:o + side**2].view(B, C, side, side)  # (B, C, side_i, side_i)
+                  for o, side in zip(self.offsets, self.sides, strict=True)]
+        levels[0].zero_()
+        levels[0][..., pad:pad + H, pad:pad + W] = x
+        for i in range(1, cfg.num_patches):
+            # The (s f)-box mean is the mean of s f-box means f pixels apart, one axis at a
+            # time: s - 1 additions per axis, written straight into place. Several times faster
+            # on the CPU than a stride-1 average pool, and exact for zero padding.
+            prev, side, f = levels[i - 1], self.sides[i], s ** (i - 1)
+            rows = prev[..., :side, :] + prev[..., f:f + side, :]  # (B, C, side, side_prev)
+            for j in range(2, s):
+                rows += prev[..., j * f:j * f + side, :]
+            torch.add(rows[..., :side], rows[..., f:f + side], out=levels[i])
+            for j in range(2, s):
+                levels[i] += rows[..., j * f:j * f + side]
+            levels[i].mul_(1.0 / s**2)
+        return flat
 
     def forward(self, prepared, l):
         """Take one glimpse per image.
 
         Args:
-            prepared: (B, k, C, Hp*Hp) output of `prepare`.
+            prepared: (B, C, L) output of `prepare`.
             l: (B, 2) locations in [-1, 1].
 
         Returns:
             (B, k, C, g, g) pooled patches.
         """
         cfg = self.cfg
-        B, k, C, _ = prepared.shape
-        g = cfg.patch_size
-        side = cfg.image_size + 2 * self.pad
-        corner = patch_corners(l, cfg.image_size, cfg.patch_sizes) + self.pad  # (B, k, 2)
-        cols = corner[..., 0:1] + self.steps  # (B, k, g)
-        rows = corner[..., 1:2] + self.steps  # (B, k, g)
-        index = rows.unsqueeze(-1) * side + cols.unsqueeze(-2)  # (B, k, g, g)
-        index = index.view(B, k, 1, g * g).expand(B, k, C, g * g)
-        return prepared.gather(3, index).view(B, k, C, g, g)
+        B, C, _ = prepared.shape
+        k, g = cfg.num_patches, cfg.patch_size
+        centre = location_to_pixels(l, cfg.image_size).view(B, 2, 1, 1, 1)  # (B, (x, y), 1, 1, 1)
+        index = self.base_index + centre[:, 1] * self.side + centre[:, 0]  # (B, k, g, g)
+        index = index.view(B, 1, k * g * g).expand(B, C, k * g * g)
+        phi = prepared.gather(2, index).view(B, C, k, g, g)
+        return phi.transpose(1, 2)  # (B, k, C, g, g)
 
 
 class GlimpseNetwork(nn.Module):
@@ -308,12 +331,11 @@ class Classifier(nn.Module):
 class Decoder(nn.Module):
     """Autoencoder head: each state is decoded to an image increment.
 
-    d_t = W h_t,   x_hat_t = sum_{tau <= t} d_tau
+    d_t = W h_t + b,   x_hat_t = sum_{tau <= t} d_tau = W (sum_{tau <= t} h_tau) + t b
 
     Args of forward:
         h: (T, B, hidden_size) states of all steps.
     Returns:
-        d: (T, B, C, H, W) the output of each step.
         x_hat: (T, B, C, H, W) cumulative predictions after each step.
     """
 
@@ -323,9 +345,19 @@ class Decoder(nn.Module):
         self.fc = nn.Linear(cfg.hidden_size, cfg.image_numel)
 
     def forward(self, h):
-        steps = self.fc(h)  # (T, B, C*H*W): one matrix product for every step at once
-        shape = (*h.shape[:2], *self.shape)
-        return steps.view(shape), steps.cumsum(0).view(shape)  # (T, B, C, H, W) each
+        T, B, _ = h.shape
+        # Summing the states (T, B, hidden) instead of the images (T, B, C*H*W) makes the
+        # cumulative sum and its backward 12x smaller in the seed configuration. The bias enters
+        # t times: append t to each summed state and b to W, so one matrix product does it all.
+        summed = h.cumsum(0)  # (T, B, hidden)
+        t = torch.arange(1, T + 1, dtype=h.dtype, device=h.device).view(T, 1, 1).expand(T, B, 1)
+        weight = torch.cat([self.fc.weight, self.fc.bias.unsqueeze(1)], 1)  # (CHW, hidden + 1)
+        out = F.linear(torch.cat([summed, t], -1), weight)  # (T, B, C*H*W)
+        return out.view(T, B, *self.shape)
+
+    def steps(self, h):
+        """The output d_t of each step alone: (T, B, hidden_size) -> (T, B, C, H, W)."""
+        return self.fc(h).view(*h.shape[:2], *self.shape)
 
     def final(self, h):
         """The last cumulative prediction alone: sum_t (W h_t + b) = W sum_t h_t + T b.

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from data_loader import to_float
 from model import LossWeights, RecurrentAttention, compute_losses, psnr, reconstruction_errors
 from modules import ModelConfig
-from utils import UserError, atomic_write
+from utils import UserError, atomic_write, autocast
 
 CKPT_SUFFIX = ".pth"
 
@@ -23,10 +23,16 @@ class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept as it was."""
 
 
+def make_optimizer(model, lr, device):
+    """Adam; the fused kernel where the device has one (one pass over all parameters)."""
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
+
+
 def train_epoch(model, loader, optimizer, objective, weights, device, epoch, print_freq=10,
-                show_progress=True):
+                amp=False, show_progress=True):
     """One pass over `loader`. Returns the epoch's mean losses, accuracy and images per second.
 
+    `model` may be the torch.compile'd module; it is called, never saved, here.
     Sums stay on the device and are read once per `print_freq` batches, so the step itself
     never waits for the device to report a number.
     """
@@ -36,8 +42,9 @@ def train_epoch(model, loader, optimizer, objective, weights, device, epoch, pri
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not show_progress)
     for step, (images, labels) in enumerate(bar, start=1):
         x, y = to_float(images, device), labels.to(device, non_blocking=True)
-        out = model(x)
-        losses = compute_losses(out, x, y, objective, weights)
+        with autocast(device, amp):
+            out = model(x)
+            losses = compute_losses(out, x, y, objective, weights)
         if not torch.isfinite(losses["total"]):
             raise NonFiniteLossError(f"the loss became {losses['total'].item()} at epoch {epoch}, "
                                 f"step {step}; lower --init_lr or check the data")
@@ -60,7 +67,7 @@ def train_epoch(model, loader, optimizer, objective, weights, device, epoch, pri
 
 
 @torch.no_grad()
-def evaluate(model, loader, M, device):
+def evaluate(model, loader, M, device, amp=False):
     """Accuracy, reconstruction MSE and PSNR over `loader`, with M sampled glimpse paths each.
 
     The class probabilities of the M paths are averaged before the argmax (as in RAM); the
@@ -75,7 +82,8 @@ def evaluate(model, loader, M, device):
     for images, labels in loader:
         x, y = to_float(images, device), labels.to(device, non_blocking=True)
         batch = y.shape[0]
-        out = model(x.repeat(M, 1, 1, 1), every_step=False)  # M independent paths per image
+        with autocast(device, amp):
+            out = model(x.repeat(M, 1, 1, 1), every_step=False)  # M independent paths per image
         probs = out.log_probs.exp().view(M, batch, -1).mean(0)  # (B, classes)
         correct = correct + (probs.argmax(-1) == y).sum()
         errors = reconstruction_errors(out.recon[-1].view(M, batch, *x.shape[1:]), x)  # (M, B)
@@ -166,7 +174,9 @@ class Trainer:
         self.cfg, self.weights, self.args, self.name, self.device = cfg, weights, args, name, device
         self.ckpt_folder = os.path.join(args.ckpt_dir, name)
         self.model = RecurrentAttention(cfg).to(device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.init_lr)
+        # What the loops call; checkpoints always hold the plain module's weights.
+        self.step_model = torch.compile(self.model) if args.compile else self.model
+        self.optimizer = make_optimizer(self.model, args.init_lr, device)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="max", factor=0.1, patience=args.lr_patience)
         self.generator = torch.Generator().manual_seed(args.random_seed)  # data order
@@ -258,9 +268,10 @@ class Trainer:
                 break
             self.epoch += 1
             start = time.perf_counter()
-            metrics = train_epoch(self.model, train_loader, self.optimizer, self.cfg.objective,
-                                  self.weights, self.device, self.epoch, args.print_freq)
-            valid = evaluate(self.model, valid_loader, args.M, self.device)
+            metrics = train_epoch(self.step_model, train_loader, self.optimizer,
+                                  self.cfg.objective, self.weights, self.device, self.epoch,
+                                  args.print_freq, args.amp)
+            valid = evaluate(self.step_model, valid_loader, args.M, self.device, args.amp)
             metrics.update({f"valid_{k}": v for k, v in valid.items()})
             metrics["lr"] = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step(valid["acc"])
@@ -280,7 +291,7 @@ class Trainer:
                 writer.flush()
 
     def test(self, test_loader):
-        return evaluate(self.model, test_loader, self.args.M, self.device)
+        return evaluate(self.step_model, test_loader, self.args.M, self.device, self.args.amp)
 
 
 def format_epoch(epoch, epochs, m, is_best):

@@ -47,6 +47,11 @@ def pick_device(name):
     return device
 
 
+def autocast(device, enabled):
+    """bf16 autocast on `device` when `enabled` (--amp), a no-op context otherwise."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def atomic_write(path, write):
     """Write a file so that a crash at any moment leaves either the old file or the new one.
 
