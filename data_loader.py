@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 from tqdm import tqdm
 
-from utils import UserError, atomic_write
+from utils import UserError, atomic_write, check_writable
 
 CACHE_NAME = "cifar10_uint8.npz"
 BATCHES_DIR = "cifar-10-batches-py"
@@ -171,11 +171,8 @@ def load_cifar10(data_dir):
     Raises:
         UserError: no source worked, or the data folder cannot be written.
     """
-    try:
-        os.makedirs(data_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --data_dir {data_dir}: {e.strerror}; "
-                        "pass a folder you can write to") from None
+    if not os.path.isdir(data_dir):
+        check_writable(data_dir, "--data_dir")
     cache = os.path.join(data_dir, CACHE_NAME)
     if os.path.isfile(cache):
         try:
@@ -189,6 +186,7 @@ def load_cifar10(data_dir):
                 return arrays
             print(f"warning: {cache} fails its SHA-256 check ({', '.join(bad)}); "
                   "fetching CIFAR-10 again")
+    check_writable(data_dir, "--data_dir")  # every source ends by writing the cache here
     failures = []
     for name, source in SOURCES:
         try:
@@ -260,9 +258,11 @@ def make_loader(images, labels, batch_size, shuffle, num_workers=0, generator=No
     """A loader of (uint8 images, labels) batches over in-memory arrays."""
     dataset = ImageBatches(images, labels)
     order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    # The loader draws a seed for its workers at every epoch; from `generator`, not the global
+    # stream, so the glimpse policy's random numbers do not depend on how data is loaded.
     return DataLoader(dataset, sampler=BatchSampler(order, batch_size, drop_last=False),
                       batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, generator=generator)
 
 
 def cifar10_loaders(data_dir, batch_size, valid_size, num_workers=0, generator=None,

@@ -1,23 +1,49 @@
 """Entry point: `python3 main.py` trains, `python3 main.py --is_train=False` tests."""
 
 import os
+import signal
 import sys
 
 from config import loss_weights, model_config, model_name, parse_args
 from data_loader import cifar10_loaders, cifar10_test_loader, to_float
 from plot_glimpses import write_glimpse_data
-from trainer import Trainer
+from trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 from utils import UserError, check_writable, pick_device, seed_everything
 
 PLOT_IMAGES = 9  # the same first validation images every epoch, so epochs can be compared
 
 
-def train(args, trainer):
+class StopOnSignal:
+    """SIGINT/SIGTERM ask training to stop after the current step (it checkpoints first);
+    a second signal exits at once, before any further file is touched."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __call__(self, signum, frame):
+        if self.signum is not None:
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step to write a checkpoint "
+              "(send it again to quit at once)", file=sys.stderr, flush=True)
+
+    def requested(self):
+        return self.signum is not None
+
+    def install(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self)
+
+
+def train(args, trainer, stop):
     check_writable(args.ckpt_dir, "--ckpt_dir")
+    check_writable(args.plot_dir, "--plot_dir")
     if args.resume:
         path = trainer.checkpoint_path(best=False)
         trainer.load(path, resume=True)
-        print(f"resuming {trainer.name} from {path} after epoch {trainer.epoch}")
+        within = f", step {trainer.step_in_epoch} of epoch {trainer.epoch + 1}" \
+            if trainer.step_in_epoch else ""
+        print(f"resuming {trainer.name} from {path} after epoch {trainer.epoch}{within}")
     pin = trainer.device.type == "cuda"
     train_loader, valid_loader = cifar10_loaders(
         args.data_dir, args.batch_size, args.valid_size, args.num_workers, trainer.generator, pin)
@@ -37,7 +63,7 @@ def train(args, trainer):
 
         writer = SummaryWriter(os.path.join(args.logs_dir, trainer.name))
     try:
-        trainer.fit(train_loader, valid_loader, writer, on_epoch_end=write_plot_data)
+        trainer.fit(train_loader, valid_loader, writer, write_plot_data, stop.requested)
     finally:
         if writer is not None:
             writer.close()
@@ -45,7 +71,7 @@ def train(args, trainer):
           f"{trainer.ckpt_folder}")
 
 
-def test(args, trainer):
+def test(args, trainer, stop):
     path = trainer.checkpoint_path(args.model_epoch, args.best)
     trainer.load(path)
     loader = cifar10_test_loader(args.data_dir, args.batch_size, args.num_workers,
@@ -64,10 +90,21 @@ def main(argv=None):
         device = pick_device(args.device)
         seed_everything(args.random_seed)
         trainer = Trainer(cfg, weights, args, model_name(cfg), device)
-        (train if args.is_train else test)(args, trainer)
+        stop = StopOnSignal()
+        if args.is_train:
+            stop.install()
+        (train if args.is_train else test)(args, trainer, stop)
     except UserError as e:
         print(f"main.py: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:
+        where = f"epoch {e.epoch}, step {e.step}" if e.step else f"the end of epoch {e.epoch}"
+        print(f"main.py: stopped at {where}; checkpoint {e.path}; continue with the same flags "
+              "and --resume=True", file=sys.stderr)
+        return 128 + (stop.signum or signal.SIGINT)
+    except NonFiniteLossError as e:
+        print(f"main.py: error: {e}; the last good checkpoint is kept", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("main.py: interrupted", file=sys.stderr)
         return 130

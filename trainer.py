@@ -19,8 +19,16 @@ from utils import UserError, atomic_write, autocast
 CKPT_SUFFIX = ".pth"
 
 
-class NonFiniteLossError(UserError):
-    """The loss became NaN or infinite; the last good checkpoint is kept as it was."""
+class NonFiniteLossError(Exception):
+    """The loss or the weights became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(Exception):
+    """A stop was asked for (SIGINT, SIGTERM); `path` holds a checkpoint to resume from."""
+
+    def __init__(self, path, epoch, step):
+        super().__init__(path)
+        self.path, self.epoch, self.step = path, epoch, step
 
 
 def make_optimizer(model, lr, device):
@@ -29,18 +37,21 @@ def make_optimizer(model, lr, device):
 
 
 def train_epoch(model, loader, optimizer, objective, weights, device, epoch, print_freq=10,
-                amp=False, show_progress=True):
-    """One pass over `loader`. Returns the epoch's mean losses, accuracy and images per second.
+                amp=False, skip=0, should_stop=None, show_progress=True):
+    """One pass over `loader`. Returns the epoch's mean losses, accuracy and images per second,
+    and `stopped_at`: the number of batches done if `should_stop()` ended the epoch early.
 
-    `model` may be the torch.compile'd module; it is called, never saved, here.
-    Sums stay on the device and are read once per `print_freq` batches, so the step itself
-    never waits for the device to report a number.
+    `model` may be the torch.compile'd module; it is called, never saved, here. The first
+    `skip` batches are passed over (resuming inside an epoch). Sums stay on the device and are
+    read once per `print_freq` batches, so the step itself never waits for the device.
     """
     model.train()
-    sums, correct, seen = {}, 0, 0
+    sums, correct, seen, stopped_at = {}, 0, 0, None
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not show_progress)
     for step, (images, labels) in enumerate(bar, start=1):
+        if step <= skip:
+            continue
         x, y = to_float(images, device), labels.to(device, non_blocking=True)
         with autocast(device, amp):
             out = model(x)
@@ -59,10 +70,16 @@ def train_epoch(model, loader, optimizer, objective, weights, device, epoch, pri
         if step % print_freq == 0:
             bar.set_postfix(loss=f"{sums['total'].item() / seen:.3f}",
                             acc=f"{100 * correct.item() / seen:.1f}%")
+        if should_stop is not None and should_stop() and step < len(loader):
+            stopped_at = step
+            break
+    bar.close()
     elapsed = time.perf_counter() - start
-    metrics = {f"train_{name}": value.item() / seen for name, value in sums.items()}
-    metrics["train_acc"] = 100.0 * correct.item() / seen
+    seen = max(seen, 1)  # a resumed epoch may have had no batch left
+    metrics = {f"train_{name}": float(value) / seen for name, value in sums.items()}
+    metrics["train_acc"] = 100.0 * float(correct) / seen
     metrics["train_images_per_s"] = seen / elapsed
+    metrics["stopped_at"] = stopped_at
     return metrics
 
 
@@ -180,6 +197,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="max", factor=0.1, patience=args.lr_patience)
         self.generator = torch.Generator().manual_seed(args.random_seed)  # data order
+        self.data_state = self.generator.get_state()  # at the start of the epoch in progress
+        self.step_in_epoch = 0  # batches of that epoch already trained on
         self.epoch = 0
         self.best_valid_acc = -math.inf
         self.epochs_since_best = 0
@@ -196,18 +215,23 @@ class Trainer:
             "epochs_since_best": self.epochs_since_best,
             "model_config": asdict(self.cfg),
             "loss_weights": asdict(self.weights),
-            "data_generator": self.generator.get_state(),
+            "data_generator": self.data_state,
+            "step_in_epoch": self.step_in_epoch,
             "rng": rng_state(),
         }
 
     def save(self, is_best):
-        """Write latest.pth atomically, then point epoch_N.pth (every --ckpt_freq) and best.pth
-        at the same bytes. A crash at any moment leaves each file either old or new, whole."""
+        """Write latest.pth atomically, then point epoch_N.pth (every --ckpt_freq, whole epochs
+        only) and best.pth at the same bytes. A crash at any moment leaves each file either old
+        or new, whole. Weights that are not finite are never written."""
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise NonFiniteLossError(f"the weights became NaN or infinite in epoch "
+                                     f"{self.epoch + (self.step_in_epoch > 0)}; not saved")
         os.makedirs(self.ckpt_folder, exist_ok=True)
         latest = os.path.join(self.ckpt_folder, "latest" + CKPT_SUFFIX)
         state = self.state()
         atomic_write(latest, lambda f: torch.save(state, f))
-        if self.epoch % self.args.ckpt_freq == 0:
+        if self.step_in_epoch == 0 and self.epoch % self.args.ckpt_freq == 0:
             link_or_copy(latest, os.path.join(self.ckpt_folder, f"epoch_{self.epoch}{CKPT_SUFFIX}"))
         if is_best:
             link_or_copy(latest, os.path.join(self.ckpt_folder, "best" + CKPT_SUFFIX))
@@ -251,26 +275,39 @@ class Trainer:
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.best_valid_acc = ckpt["best_valid_acc"]
             self.epochs_since_best = ckpt["epochs_since_best"]
-            self.generator.set_state(ckpt["data_generator"])
+            self.data_state = ckpt["data_generator"]
+            self.step_in_epoch = ckpt["step_in_epoch"]
             set_rng_state(ckpt["rng"])
         return ckpt
 
     # ---------------------------------------------------------------- loops
 
-    def fit(self, train_loader, valid_loader, writer=None, on_epoch_end=None):
-        """Train until --epochs or until --train_patience epochs bring no better accuracy."""
+    def fit(self, train_loader, valid_loader, writer=None, on_epoch_end=None, should_stop=None):
+        """Train until --epochs or until --train_patience epochs bring no better accuracy.
+
+        `should_stop()` is asked after every step: when it turns true, a checkpoint of the state
+        right then is written (inside an epoch, if need be) and TrainingInterrupted is raised.
+        """
         args = self.args
+        should_stop = should_stop or (lambda: False)
         self.save_config()
         while self.epoch < args.epochs:
             if self.epochs_since_best >= args.train_patience:
                 print(f"stopping early: no better validation accuracy in {args.train_patience} "
                       "epochs")
                 break
-            self.epoch += 1
             start = time.perf_counter()
+            self.generator.set_state(self.data_state)  # same order as an uninterrupted run
             metrics = train_epoch(self.step_model, train_loader, self.optimizer,
-                                  self.cfg.objective, self.weights, self.device, self.epoch,
-                                  args.print_freq, args.amp)
+                                  self.cfg.objective, self.weights, self.device, self.epoch + 1,
+                                  args.print_freq, args.amp, self.step_in_epoch, should_stop)
+            stopped_at = metrics.pop("stopped_at")
+            if stopped_at is not None:
+                self.step_in_epoch = stopped_at
+                raise TrainingInterrupted(self.save(is_best=False), self.epoch + 1, stopped_at)
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self.data_state = self.generator.get_state()
             valid = evaluate(self.step_model, valid_loader, args.M, self.device, args.amp)
             metrics.update({f"valid_{k}": v for k, v in valid.items()})
             metrics["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -280,7 +317,7 @@ class Trainer:
                 self.best_valid_acc, self.epochs_since_best = valid["acc"], 0
             else:
                 self.epochs_since_best += 1
-            self.save(is_best)
+            path = self.save(is_best)
             if on_epoch_end is not None:
                 on_epoch_end(self)
             metrics["epoch_s"] = time.perf_counter() - start
@@ -289,6 +326,8 @@ class Trainer:
                 for key, value in metrics.items():
                     writer.add_scalar(key, value, self.epoch)
                 writer.flush()
+            if should_stop():
+                raise TrainingInterrupted(path, self.epoch, 0)
 
     def test(self, test_loader):
         return evaluate(self.step_model, test_loader, self.args.M, self.device, self.args.amp)
