@@ -119,8 +119,9 @@ def build_parser():
                       help="where CIFAR-10 is looked for and cached")
     data.add_argument("--valid_size", type=_fraction, default=0.1,
                       help="fraction of the training split held out for validation (fixed split)")
-    data.add_argument("--batch_size", type=_positive_int, default=128,
-                      help="images per batch (per process under torchrun)")
+    data.add_argument("--batch_size", type=_int_at_least(2), default=128,
+                      help="images per batch (per process under torchrun); at least 2, as the "
+                      "probe standardises over the batch")
     data.add_argument("--num_workers", type=_non_negative_int, default=0,
                       help="worker processes that assemble batches; the data is in memory, so 0 "
                       "is usually fastest")

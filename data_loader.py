@@ -258,9 +258,12 @@ def make_loader(images, labels, batch_size, shuffle, num_workers=0, generator=No
     """A loader of (uint8 images, labels) batches over in-memory arrays."""
     dataset = ImageBatches(images, labels)
     order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    # Training standardises features over the batch, which a batch of one image cannot do:
+    # drop a last batch only when it would hold a single image.
+    drop_last = shuffle and len(dataset) % batch_size == 1
     # The loader draws a seed for its workers at every epoch; from `generator`, not the global
     # stream, so the glimpse policy's random numbers do not depend on how data is loaded.
-    return DataLoader(dataset, sampler=BatchSampler(order, batch_size, drop_last=False),
+    return DataLoader(dataset, sampler=BatchSampler(order, batch_size, drop_last=drop_last),
                       batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0, generator=generator)
 

@@ -17,8 +17,11 @@ class StopOnSignal:
     """SIGINT/SIGTERM ask training to stop after the current step (it checkpoints first);
     a second signal exits at once, before any further file is touched."""
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self):
         self.signum = None
+        self.previous = {}
 
     def __call__(self, signum, frame):
         if self.signum is not None:
@@ -30,9 +33,13 @@ class StopOnSignal:
     def requested(self):
         return self.signum is not None
 
-    def install(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self)
+    def __enter__(self):
+        self.previous = {signum: signal.signal(signum, self) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def train(args, trainer, stop):
@@ -71,7 +78,7 @@ def train(args, trainer, stop):
           f"{trainer.ckpt_folder}")
 
 
-def test(args, trainer, stop):
+def test(args, trainer):
     path = trainer.checkpoint_path(args.model_epoch, args.best)
     trainer.load(path)
     loader = cifar10_test_loader(args.data_dir, args.batch_size, args.num_workers,
@@ -90,10 +97,11 @@ def main(argv=None):
         device = pick_device(args.device)
         seed_everything(args.random_seed)
         trainer = Trainer(cfg, weights, args, model_name(cfg), device)
-        stop = StopOnSignal()
         if args.is_train:
-            stop.install()
-        (train if args.is_train else test)(args, trainer, stop)
+            with StopOnSignal() as stop:
+                train(args, trainer, stop)
+        else:
+            test(args, trainer)
     except UserError as e:
         print(f"main.py: error: {e}", file=sys.stderr)
         return 2
@@ -101,7 +109,7 @@ def main(argv=None):
         where = f"epoch {e.epoch}, step {e.step}" if e.step else f"the end of epoch {e.epoch}"
         print(f"main.py: stopped at {where}; checkpoint {e.path}; continue with the same flags "
               "and --resume=True", file=sys.stderr)
-        return 128 + (stop.signum or signal.SIGINT)
+        return 128 + (stop.signum or signal.SIGINT)  # 130 for SIGINT, 143 for SIGTERM
     except NonFiniteLossError as e:
         print(f"main.py: error: {e}; the last good checkpoint is kept", file=sys.stderr)
         return 1

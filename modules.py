@@ -7,6 +7,7 @@ Images are (B, C, H, W). A location `l` is (B, 2) in [-1, 1]^2 ordered (x, y):
 x runs left to right along W, y top to bottom along H; (-1, -1) is the top-left corner.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -286,7 +287,11 @@ class LocationNetwork(nn.Module):
     def forward(self, h):
         mu = torch.tanh(self.fc_mu(F.relu(self.fc(h.detach()))))  # (B, 2)
         sample = (mu + self.std * torch.randn_like(mu)).detach()  # (B, 2)
-        log_pi = torch.distributions.Normal(mu, self.std).log_prob(sample).sum(-1)  # (B,)
+        # log N(sample; mu, std^2) per axis, summed; written out rather than through
+        # torch.distributions, whose argument checks would raise on NaN instead of letting
+        # the trainer's finite-loss guard report where it happened.
+        log_pi = (-0.5 * ((sample - mu) / self.std) ** 2
+                  - math.log(self.std) - 0.5 * math.log(2 * math.pi)).sum(-1)  # (B,)
         return sample.clamp(-1.0, 1.0), log_pi, mu.detach()
 
 
@@ -310,22 +315,26 @@ class BaselineNetwork(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Class scores from the final state: log softmax(W h_T).
+    """Class scores from the final state: log softmax(W standardise(h_T)).
 
-    Under the unsupervised objective it is fed a detached state and is only a probe.
+    Under the unsupervised objective it is fed a detached state and is only a probe. Each
+    feature is standardised over the batch (BatchNorm without learned scale, the usual linear
+    probe): the reconstruction objective leaves h_T with features of very different and small
+    spreads, which a plain linear layer learns from several times more slowly.
 
     Args of forward:
-        h: (B, hidden_size).
+        h: (B, hidden_size); B > 1 in training mode.
     Returns:
         (B, num_classes) log-probabilities.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.norm = nn.BatchNorm1d(cfg.hidden_size, affine=False)
         self.fc = nn.Linear(cfg.hidden_size, cfg.num_classes)
 
     def forward(self, h):
-        return F.log_softmax(self.fc(h), dim=-1)
+        return F.log_softmax(self.fc(self.norm(h)), dim=-1)
 
 
 class Decoder(nn.Module):

@@ -3,6 +3,7 @@
 import os
 
 import pytest
+
 from conftest import run_main
 
 FAST = ["--batch_size=32", "--M=2", "--num_glimpses=3", "--hidden_size=32",

@@ -1,0 +1,250 @@
+"""Resume, signals, atomic checkpoints, non-finite losses, determinism and bad input."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import data_loader
+import main
+from conftest import ROOT, run_main, write_tiny_cifar
+from trainer import load_checkpoint
+from utils import UserError, atomic_write
+
+TINY = ["--batch_size=20", "--M=1", "--num_glimpses=3", "--hidden_size=32",
+        "--glimpse_hidden=16", "--loc_hidden=16"]
+NAME = "ram_3_6x6_2"
+
+
+def flags(data_dir, out, *extra):
+    return [f"--data_dir={data_dir}", f"--ckpt_dir={out / 'ckpt'}", f"--plot_dir={out / 'plots'}",
+            *TINY, *extra]
+
+
+def weights(out, name="latest.pth"):
+    return load_checkpoint(str(out / "ckpt" / NAME / name))["model"]
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_two_epochs_equal_one_plus_resume_one(tiny_cifar, tmp_path):
+    data_dir, _ = tiny_cifar
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert main.main(flags(data_dir, straight, "--epochs=2")) == 0
+    assert main.main(flags(data_dir, split, "--epochs=1")) == 0
+    assert main.main(flags(data_dir, split, "--epochs=2", "--resume=True")) == 0
+    assert same_weights(weights(straight), weights(split))
+    resumed = load_checkpoint(str(split / "ckpt" / NAME / "latest.pth"))
+    assert resumed["epoch"] == 2 and resumed["step_in_epoch"] == 0
+
+
+def test_same_seed_same_losses_and_weights(tiny_cifar, tmp_path, capsys):
+    data_dir, _ = tiny_cifar
+    lines = []
+    for run in ("a", "b"):
+        assert main.main(flags(data_dir, tmp_path / run, "--epochs=1")) == 0
+        out = capsys.readouterr().out
+        lines.append([line.split("| valid")[0] for line in out.splitlines()
+                      if line.startswith("epoch 1/1")])
+    assert lines[0] and lines[0] == lines[1]
+    assert same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    assert not same_weights(weights(tmp_path / "a"), load_checkpoint(
+        str(tmp_path / "a" / "ckpt" / NAME / "latest.pth"))["model"] | {
+            "core.i2h.weight": torch.zeros(32, 32)})
+
+
+@pytest.fixture
+def long_epoch_cifar(tmp_path):
+    """1,000 train images: at batch size 2, an epoch of 450 steps lasts several seconds."""
+    data_dir = tmp_path / "data"
+    write_tiny_cifar(str(data_dir), per_batch=200)
+    return data_dir
+
+
+def start_training(data_dir, out, *extra):
+    """main.py in a real process, with epochs long enough to be stopped inside one."""
+    cmd = [sys.executable, os.path.join(ROOT, "main.py"),
+           *flags(data_dir, out, "--batch_size=2", *extra)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for_training(proc):
+    for line in proc.stdout:
+        if line.startswith("training "):
+            time.sleep(1.0)  # inside the first epoch
+            return
+    raise AssertionError(proc.stderr.read())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_checkpoints_mid_epoch_and_resume_matches_straight_run(long_epoch_cifar,
+                                                                      tmp_path, signum):
+    data_dir = long_epoch_cifar
+    stopped, straight = tmp_path / "stopped", tmp_path / "straight"
+    proc = start_training(data_dir, stopped, "--epochs=1")
+    wait_for_training(proc)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, err
+    assert "--resume=True" in err and "Traceback" not in err
+    ckpt = load_checkpoint(str(stopped / "ckpt" / NAME / "latest.pth"))
+    assert ckpt["epoch"] == 0 and 0 < ckpt["step_in_epoch"] < 450
+    assert not (stopped / "ckpt" / NAME / "epoch_1.pth").exists()
+
+    resumed = run_main(*flags(data_dir, stopped, "--batch_size=2", "--epochs=1",
+                              "--resume=True"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"step {ckpt['step_in_epoch']} of epoch 1" in resumed.stdout
+    assert run_main(*flags(data_dir, straight, "--batch_size=2", "--epochs=1")).returncode == 0
+    assert same_weights(weights(stopped), weights(straight))
+
+
+def test_second_sigint_exits_at_once_without_touching_files(long_epoch_cifar, tmp_path):
+    data_dir = long_epoch_cifar
+    assert main.main(flags(data_dir, tmp_path, "--epochs=1")) == 0
+    folder = tmp_path / "ckpt" / NAME
+    # Steps of about a second, so the second signal lands while the first step still runs.
+    proc = start_training(data_dir, tmp_path, "--epochs=1", "--batch_size=900",
+                          "--hidden_size=1024")
+    wait_for_training(proc)
+    before = {p.name: digest(p) for p in folder.iterdir()}
+    proc.send_signal(signal.SIGINT)
+    for line in proc.stderr:  # two signals sent at once would merge into one
+        if "stopping after this step" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert {p.name: digest(p) for p in folder.iterdir() if not p.name.endswith(".tmp")} == before
+
+
+KILLER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from utils import atomic_write
+big = {{"model": {{"w": torch.randn(2_000_000)}}}}
+i = 0
+while True:
+    i += 1
+    big["epoch"] = i
+    atomic_write({path!r}, lambda f: torch.save(big, f))
+    print(i, flush=True)
+"""
+
+
+def test_kill_9_during_checkpoint_writes_leaves_a_whole_checkpoint(tmp_path):
+    path = tmp_path / "latest.pth"
+    for delay in (0.3, 0.55, 0.8):
+        proc = subprocess.Popen([sys.executable, "-c", KILLER.format(root=ROOT, path=str(path))],
+                                stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # one whole write has landed
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        ckpt = torch.load(path, weights_only=True)
+        assert ckpt["model"]["w"].shape == (2_000_000,) and ckpt["epoch"] >= 1
+
+
+def test_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "latest.pth"
+    atomic_write(str(path), lambda f: f.write(b"old"))
+
+    def crash(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        atomic_write(str(path), crash)
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["latest.pth"]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cifar, tmp_path):
+    data_dir, _ = tiny_cifar
+    assert main.main(flags(data_dir, tmp_path, "--epochs=1")) == 0
+    folder = tmp_path / "ckpt" / NAME
+    checkpoints = sorted(folder.glob("*.pth"))
+    before = [digest(p) for p in checkpoints]
+    done = run_main(*flags(data_dir, tmp_path, "--epochs=1", "--init_lr=1e30"))
+    assert done.returncode == 1
+    assert "epoch 1, step" in done.stderr and "last good checkpoint" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert sorted(folder.glob("*.pth")) == checkpoints
+    assert [digest(p) for p in checkpoints] == before
+
+
+def one_line_error(done, expected):
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert expected in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_broken_checkpoints_are_refused_in_one_line(tiny_cifar, tmp_path):
+    data_dir, _ = tiny_cifar
+    assert main.main(flags(data_dir, tmp_path, "--epochs=1")) == 0
+    folder = tmp_path / "ckpt" / NAME
+    good = (folder / "epoch_1.pth").read_bytes()
+    test = [*flags(data_dir, tmp_path), "--is_train=false", "--model_epoch=1"]
+
+    (folder / "epoch_1.pth").unlink()
+    (folder / "epoch_1.pth").write_bytes(good[: len(good) // 2])
+    one_line_error(run_main(*test), "not a readable checkpoint")
+
+    (folder / "epoch_1.pth").write_bytes(b"this is not a checkpoint")
+    one_line_error(run_main(*test), "not a readable checkpoint")
+
+    torch.save({"model": {}, "model_config": {}, "epoch": 1, "payload": np.dtype("float32")},
+               folder / "epoch_1.pth")  # an object that weights_only refuses to build
+    one_line_error(run_main(*test), "not a readable checkpoint")
+
+    (folder / "epoch_1.pth").write_bytes(good)
+    other = [*flags(data_dir, tmp_path), "--is_train=false", "--model_epoch=1", "--std=0.3"]
+    one_line_error(run_main(*other), "std: checkpoint 0.05, flags 0.3")
+
+
+def test_unwritable_folders_are_refused(tiny_cifar, tmp_path):
+    data_dir, _ = tiny_cifar
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    one_line_error(run_main(*flags(data_dir, tmp_path), f"--ckpt_dir={blocker / 'x'}"),
+                   "--ckpt_dir")
+    one_line_error(run_main(*flags(blocker / "x", tmp_path)), "--data_dir")
+
+
+def test_cache_failing_its_checksum_is_fetched_again(tiny_cifar, monkeypatch, capsys):
+    data_dir, written = tiny_cifar
+    data_loader.load_cifar10(str(data_dir))
+    digests = {name: data_loader._sha256(written[name]) for name in data_loader.SHA256}
+    monkeypatch.setattr(data_loader, "SHA256", digests)
+    monkeypatch.setattr(data_loader, "FULL_SIZES", {"train": 200, "test": 40})
+    cache = data_dir / data_loader.CACHE_NAME
+    arrays = dict(np.load(cache))
+    arrays["train_x"][0, 0, 0, 0] ^= 0xFF
+    np.savez(cache, **arrays)
+    again = data_loader.load_cifar10(str(data_dir))
+    assert "fails its SHA-256 check" in capsys.readouterr().out
+    assert np.array_equal(again["train_x"], written["train_x"])
+    assert np.array_equal(np.load(cache)["train_x"], written["train_x"])
+
+
+def test_checkpoint_loading_refuses_code(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {}, "model_config": {}, "epoch": 1, "x": Payload()}, path)
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        load_checkpoint(str(path))
