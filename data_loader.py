@@ -20,10 +20,17 @@ import tempfile
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+)
 from tqdm import tqdm
 
-from utils import UserError, atomic_write, check_writable
+from utils import SINGLE_PROCESS, UserError, atomic_write, check_writable
 
 CACHE_NAME = "cifar10_uint8.npz"
 BATCHES_DIR = "cifar-10-batches-py"
@@ -245,7 +252,9 @@ class ImageBatches(Dataset):
 
     def __getitem__(self, index):
         index = torch.as_tensor(index)
-        return self.images[index], self.labels[index]  # (B, C, H, W) uint8, (B,) int64
+        # (B, C, H, W) uint8, (B,) labels, (B,) positions in the split (they fix each image's
+        # evaluation noise, whoever evaluates it)
+        return self.images[index], self.labels[index], index
 
 
 def to_float(images, device):
@@ -254,10 +263,22 @@ def to_float(images, device):
 
 
 def make_loader(images, labels, batch_size, shuffle, num_workers=0, generator=None,
-                pin_memory=False):
-    """A loader of (uint8 images, labels) batches over in-memory arrays."""
+                pin_memory=False, procs=SINGLE_PROCESS, seed=0):
+    """A loader of (uint8 images, labels, positions) batches over in-memory arrays.
+
+    Under torchrun, training is sharded by DistributedSampler (shuffled from `seed` and the
+    epoch: call `set_epoch`), and evaluation takes every world_size-th image from the rank's
+    own, so each image is evaluated exactly once, with no padding.
+    """
     dataset = ImageBatches(images, labels)
-    order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    if procs.distributed and shuffle:
+        order = DistributedSampler(dataset, procs.world_size, procs.rank, shuffle=True, seed=seed)
+    elif procs.distributed:
+        order = range(procs.rank, len(dataset), procs.world_size)
+    elif shuffle:
+        order = RandomSampler(dataset, generator=generator)
+    else:
+        order = SequentialSampler(dataset)
     # Training standardises features over the batch, which a batch of one image cannot do:
     # drop a last batch only when it would hold a single image.
     drop_last = shuffle and len(dataset) % batch_size == 1
@@ -268,20 +289,29 @@ def make_loader(images, labels, batch_size, shuffle, num_workers=0, generator=No
                       persistent_workers=num_workers > 0, generator=generator)
 
 
+def set_epoch(loader, epoch):
+    """Give a DistributedSampler its epoch, so every epoch has a new order (no-op otherwise)."""
+    inner = getattr(loader.sampler, "sampler", None)
+    if isinstance(inner, DistributedSampler):
+        inner.set_epoch(epoch)
+
+
 def cifar10_loaders(data_dir, batch_size, valid_size, num_workers=0, generator=None,
-                    pin_memory=False):
+                    pin_memory=False, procs=SINGLE_PROCESS, seed=0):
     """Train and validation loaders over the CIFAR-10 training split."""
     arrays = load_cifar10(data_dir)
     train_idx, valid_idx = train_valid_split(len(arrays["train_x"]), valid_size)
     x, y = arrays["train_x"], arrays["train_y"]
+    common = dict(num_workers=num_workers, pin_memory=pin_memory, procs=procs)
     train = make_loader(x[train_idx.numpy()], y[train_idx.numpy()], batch_size, shuffle=True,
-                        num_workers=num_workers, generator=generator, pin_memory=pin_memory)
+                        generator=generator, seed=seed, **common)
     valid = make_loader(x[valid_idx.numpy()], y[valid_idx.numpy()], batch_size, shuffle=False,
-                        num_workers=num_workers, pin_memory=pin_memory)
+                        **common)
     return train, valid
 
 
-def cifar10_test_loader(data_dir, batch_size, num_workers=0, pin_memory=False):
+def cifar10_test_loader(data_dir, batch_size, num_workers=0, pin_memory=False,
+                        procs=SINGLE_PROCESS):
     arrays = load_cifar10(data_dir)
     return make_loader(arrays["test_x"], arrays["test_y"], batch_size, shuffle=False,
-                       num_workers=num_workers, pin_memory=pin_memory)
+                       num_workers=num_workers, pin_memory=pin_memory, procs=procs)

@@ -4,11 +4,13 @@ import os
 import signal
 import sys
 
+import torch.distributed as dist
+
 from config import loss_weights, model_config, model_name, parse_args
-from data_loader import cifar10_loaders, cifar10_test_loader, to_float
+from data_loader import cifar10_loaders, cifar10_test_loader, load_cifar10, to_float
 from plot_glimpses import write_glimpse_data
-from trainer import NonFiniteLossError, Trainer, TrainingInterrupted
-from utils import UserError, check_writable, pick_device, seed_everything
+from trainer import NonFiniteLossError, Trainer, TrainingInterrupted, print_main
+from utils import Procs, UserError, check_writable, init_distributed, pick_device, seed_everything
 
 PLOT_IMAGES = 9  # the same first validation images every epoch, so epochs can be compared
 
@@ -42,7 +44,17 @@ class StopOnSignal:
             signal.signal(signum, handler)
 
 
+def fetch_once(data_dir, procs):
+    """Under torchrun, rank 0 fetches and caches CIFAR-10 while the others wait, then all read
+    the cache; two processes never download into the same folder."""
+    if procs.distributed:
+        if procs.is_main:
+            load_cifar10(data_dir)
+        dist.barrier()
+
+
 def train(args, trainer, stop):
+    procs = trainer.procs
     check_writable(args.ckpt_dir, "--ckpt_dir")
     check_writable(args.plot_dir, "--plot_dir")
     if args.resume:
@@ -50,12 +62,16 @@ def train(args, trainer, stop):
         trainer.load(path, resume=True)
         within = f", step {trainer.step_in_epoch} of epoch {trainer.epoch + 1}" \
             if trainer.step_in_epoch else ""
-        print(f"resuming {trainer.name} from {path} after epoch {trainer.epoch}{within}")
-    pin = trainer.device.type == "cuda"
+        print_main(procs, f"resuming {trainer.name} from {path} after epoch {trainer.epoch}"
+                   f"{within}")
+    fetch_once(args.data_dir, procs)
     train_loader, valid_loader = cifar10_loaders(
-        args.data_dir, args.batch_size, args.valid_size, args.num_workers, trainer.generator, pin)
-    print(f"training {trainer.name} on {trainer.device}: {len(train_loader.dataset)} train and "
-          f"{len(valid_loader.dataset)} validation images, {args.epochs} epochs at most")
+        args.data_dir, args.batch_size, args.valid_size, args.num_workers, trainer.generator,
+        trainer.device.type == "cuda", procs, args.random_seed)
+    processes = f" x {procs.world_size} processes" if procs.distributed else ""
+    print_main(procs, f"training {trainer.name} on {trainer.device}{processes}: "
+               f"{len(train_loader.dataset)} train and {len(valid_loader.dataset)} validation "
+               f"images, batch {args.batch_size}{processes}, {args.epochs} epochs at most")
     plot_folder = os.path.join(args.plot_dir, trainer.name)
     shown = range(min(PLOT_IMAGES, len(valid_loader.dataset)))
     plot_images = to_float(valid_loader.dataset[list(shown)][0], trainer.device)
@@ -65,7 +81,7 @@ def train(args, trainer, stop):
             write_glimpse_data(trainer.model, plot_images, trainer.epoch, plot_folder)
 
     writer = None
-    if args.use_tensorboard:
+    if args.use_tensorboard and procs.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(os.path.join(args.logs_dir, trainer.name))
@@ -74,49 +90,59 @@ def train(args, trainer, stop):
     finally:
         if writer is not None:
             writer.close()
-    print(f"best validation accuracy {trainer.best_valid_acc:.2f}%; checkpoints in "
-          f"{trainer.ckpt_folder}")
+    print_main(procs, f"best validation accuracy {trainer.best_valid_acc:.2f}%; checkpoints in "
+               f"{trainer.ckpt_folder}")
 
 
 def test(args, trainer):
     path = trainer.checkpoint_path(args.model_epoch, args.best)
     trainer.load(path)
+    fetch_once(args.data_dir, trainer.procs)
     loader = cifar10_test_loader(args.data_dir, args.batch_size, args.num_workers,
-                                 trainer.device.type == "cuda")
+                                 trainer.device.type == "cuda", trainer.procs)
     m = trainer.test(loader)
-    print(f"test {trainer.name} epoch {trainer.epoch} ({path}), M={args.M}: "
-          f"accuracy {m['acc']:.2f}% (error {100 - m['acc']:.2f}%) | reconstruction mse "
-          f"{m['mse']:.5f} psnr {m['psnr']:.2f} dB | location spread {m['loc_spread']:.3f}")
+    print_main(trainer.procs, f"test {trainer.name} epoch {trainer.epoch} ({path}), M={args.M}: "
+               f"accuracy {m['acc']:.2f}% (error {100 - m['acc']:.2f}%) | reconstruction mse "
+               f"{m['mse']:.5f} psnr {m['psnr']:.2f} dB | location spread "
+               f"{m['loc_spread']:.3f}")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    procs, stop = Procs(), StopOnSignal()
     try:
         cfg = model_config(args)
         weights = loss_weights(args)
-        device = pick_device(args.device)
-        seed_everything(args.random_seed)
-        trainer = Trainer(cfg, weights, args, model_name(cfg), device)
+        procs, device = init_distributed(pick_device(args.device))
+        seed_everything(args.random_seed + procs.rank)  # one policy stream per process
+        trainer = Trainer(cfg, weights, args, model_name(cfg), device, procs)
         if args.is_train:
-            with StopOnSignal() as stop:
+            with stop:
                 train(args, trainer, stop)
         else:
             test(args, trainer)
     except UserError as e:
-        print(f"main.py: error: {e}", file=sys.stderr)
-        return 2
+        return fail(procs, f"error: {e}", 2)
     except TrainingInterrupted as e:
         where = f"epoch {e.epoch}, step {e.step}" if e.step else f"the end of epoch {e.epoch}"
-        print(f"main.py: stopped at {where}; checkpoint {e.path}; continue with the same flags "
-              "and --resume=True", file=sys.stderr)
-        return 128 + (stop.signum or signal.SIGINT)  # 130 for SIGINT, 143 for SIGTERM
+        return fail(procs, f"stopped at {where}; checkpoint {e.path}; continue with the same "
+                    "flags and --resume=True", 128 + (stop.signum or signal.SIGINT))
     except NonFiniteLossError as e:
-        print(f"main.py: error: {e}; the last good checkpoint is kept", file=sys.stderr)
-        return 1
+        return fail(procs, f"error: {e}; the last good checkpoint is kept", 1)
     except KeyboardInterrupt:
-        print("main.py: interrupted", file=sys.stderr)
-        return 130
+        return fail(procs, "interrupted", 130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
+
+
+def fail(procs, message, code):
+    """One line on stderr (once per torchrun job where every rank fails alike) and the code:
+    2 for bad input, 1 for a failed run, 128 + the signal for a stop."""
+    if procs.is_main:
+        print(f"main.py: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

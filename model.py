@@ -71,18 +71,25 @@ class RecurrentAttention(nn.Module):
     def unnormalize(self, x):
         return x * self.std + self.mean
 
-    def _choose_location(self, h):
-        """Next location, its log-probability and the policy's mean, by the configured policy."""
+    def _choose_location(self, h, noise):
+        """Next location, its log-probability and the policy's mean, by the configured policy.
+
+        `noise` (B, 2), standard normal or None, replaces the policy's own random draw; the
+        random policy turns it into a uniform location through the normal CDF.
+        """
         policy = self.cfg.policy
         if policy == "learned":
-            return self.locator(h)
+            return self.locator(h, noise)
         if policy == "random":
-            l = torch.rand(h.shape[0], 2, device=h.device, dtype=h.dtype) * 2 - 1
+            if noise is None:
+                l = torch.rand(h.shape[0], 2, device=h.device, dtype=h.dtype) * 2 - 1
+            else:
+                l = (torch.special.ndtr(noise) * 2 - 1).to(h.dtype)
         else:  # centre
             l = h.new_zeros(h.shape[0], 2)
         return l, h.new_zeros(h.shape[0]), l
 
-    def forward(self, x, keep_patches=False, every_step=True):
+    def forward(self, x, keep_patches=False, every_step=True, noise=None):
         """Roll out all glimpses over a batch.
 
         Args:
@@ -90,6 +97,9 @@ class RecurrentAttention(nn.Module):
             keep_patches: also return the patches and each step's decoder output (for the plots).
             every_step: decode every step (training, plots); if false, only the final image
                 is decoded, in one matrix product (evaluation).
+            noise: (T, B, 2) standard normal draws for the policy, or None to draw afresh.
+                Evaluation passes noise fixed per image, so its figures do not depend on
+                batching, on the number of processes, or on the training's random stream.
 
         Returns:
             A `Rollout`.
@@ -98,8 +108,8 @@ class RecurrentAttention(nn.Module):
         prepared = self.retina.prepare(self.normalize(x))  # once per batch, reused every step
         h = x.new_zeros(x.shape[0], cfg.hidden_size)  # (B, hidden)
         states, locations, means, log_pis, baselines, patches = [], [], [], [], [], []
-        for _ in range(cfg.num_glimpses):
-            l, log_pi, mu = self._choose_location(h)  # (B, 2), (B,), (B, 2)
+        for t in range(cfg.num_glimpses):
+            l, log_pi, mu = self._choose_location(h, None if noise is None else noise[t])
             baselines.append(self.baseline(h))  # value of the state the choice was made in
             phi = self.retina(prepared, l)  # (B, k, C, g, g)
             h = self.core(self.glimpse(phi, l), h)  # (B, hidden)

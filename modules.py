@@ -271,6 +271,7 @@ class LocationNetwork(nn.Module):
 
     Args of forward:
         h: (B, hidden_size) state.
+        noise: (B, 2) standard normal draws to use instead of fresh ones, or None.
     Returns:
         l: (B, 2) detached location in [-1, 1].
         log_pi: (B,) log-probability of the sample under the policy.
@@ -284,9 +285,10 @@ class LocationNetwork(nn.Module):
         self.fc = nn.Linear(cfg.hidden_size, width)
         self.fc_mu = nn.Linear(width, 2)
 
-    def forward(self, h):
+    def forward(self, h, noise=None):
         mu = torch.tanh(self.fc_mu(F.relu(self.fc(h.detach()))))  # (B, 2)
-        sample = (mu + self.std * torch.randn_like(mu)).detach()  # (B, 2)
+        noise = torch.randn_like(mu) if noise is None else noise.to(mu.dtype)
+        sample = (mu + self.std * noise).detach()  # (B, 2)
         # log N(sample; mu, std^2) per axis, summed; written out rather than through
         # torch.distributions, whose argument checks would raise on NaN instead of letting
         # the trainer's finite-loss guard report where it happened.

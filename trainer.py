@@ -9,14 +9,17 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data_loader import to_float
+from data_loader import set_epoch, to_float
 from model import LossWeights, RecurrentAttention, compute_losses, psnr, reconstruction_errors
 from modules import ModelConfig
-from utils import UserError, atomic_write, autocast
+from utils import SINGLE_PROCESS, UserError, all_reduce, atomic_write, autocast, seed_everything
 
 CKPT_SUFFIX = ".pth"
+NOISE_STRIDE = 1_000_003  # a prime above any split size: (seed, image) pairs never collide
 
 
 class NonFiniteLossError(Exception):
@@ -37,28 +40,36 @@ def make_optimizer(model, lr, device):
 
 
 def train_epoch(model, loader, optimizer, objective, weights, device, epoch, print_freq=10,
-                amp=False, skip=0, should_stop=None, show_progress=True):
-    """One pass over `loader`. Returns the epoch's mean losses, accuracy and images per second,
-    and `stopped_at`: the number of batches done if `should_stop()` ended the epoch early.
+                amp=False, skip=0, should_stop=None, procs=SINGLE_PROCESS):
+    """One pass over `loader`. Returns the epoch's mean losses, accuracy and images per second
+    (summed over all processes), and `stopped_at`: the batches done if `should_stop()` ended
+    the epoch early.
 
-    `model` may be the torch.compile'd module; it is called, never saved, here. The first
-    `skip` batches are passed over (resuming inside an epoch). Sums stay on the device and are
-    read once per `print_freq` batches, so the step itself never waits for the device.
+    `model` may be the compiled or DistributedDataParallel module; it is called, never saved,
+    here. The first `skip` batches are passed over (resuming inside an epoch). Sums stay on the
+    device and are read once per `print_freq` batches, so the step never waits for the device.
+    Under torchrun the processes agree after every step on whether to stop and on whether every
+    loss is finite, so that they stop together instead of waiting on each other for ever.
     """
     model.train()
     sums, correct, seen, stopped_at = {}, 0, 0, None
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not show_progress)
-    for step, (images, labels) in enumerate(bar, start=1):
+    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False,
+               disable=not procs.is_main)
+    for step, (images, labels, _) in enumerate(bar, start=1):
         if step <= skip:
             continue
         x, y = to_float(images, device), labels.to(device, non_blocking=True)
         with autocast(device, amp):
             out = model(x)
             losses = compute_losses(out, x, y, objective, weights)
-        if not torch.isfinite(losses["total"]):
-            raise NonFiniteLossError(f"the loss became {losses['total'].item()} at epoch {epoch}, "
-                                f"step {step}; lower --init_lr or check the data")
+        stop = should_stop is not None and should_stop() and step < len(loader)
+        flags = torch.tensor([float(not torch.isfinite(losses["total"])), float(stop)],
+                             dtype=torch.float64)
+        bad, stop = all_reduce(flags, procs, dist.ReduceOp.MAX).tolist()
+        if bad:
+            raise NonFiniteLossError(f"the loss became {losses['total'].item()} at epoch "
+                                     f"{epoch}, step {step}; lower --init_lr or check the data")
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         optimizer.step()
@@ -70,47 +81,71 @@ def train_epoch(model, loader, optimizer, objective, weights, device, epoch, pri
         if step % print_freq == 0:
             bar.set_postfix(loss=f"{sums['total'].item() / seen:.3f}",
                             acc=f"{100 * correct.item() / seen:.1f}%")
-        if should_stop is not None and should_stop() and step < len(loader):
+        if stop:
             stopped_at = step
             break
     bar.close()
     elapsed = time.perf_counter() - start
-    seen = max(seen, 1)  # a resumed epoch may have had no batch left
-    metrics = {f"train_{name}": float(value) / seen for name, value in sums.items()}
-    metrics["train_acc"] = 100.0 * float(correct) / seen
+    names = sorted(sums)
+    totals = all_reduce(torch.tensor([float(sums[n]) for n in names] + [float(correct), seen],
+                                     dtype=torch.float64), procs).tolist()
+    seen = max(totals[-1], 1)  # a resumed epoch may have had no batch left
+    metrics = {f"train_{name}": value / seen for name, value in zip(names, totals, strict=False)}
+    metrics["train_acc"] = 100.0 * totals[-2] / seen
     metrics["train_images_per_s"] = seen / elapsed
     metrics["stopped_at"] = stopped_at
     return metrics
 
 
+def evaluation_noise(positions, num_glimpses, M, seed):
+    """Policy noise fixed per image: (T, M*B, 2), path m of image b at column m*B + b.
+
+    Each image draws from a generator seeded by `seed` and its position in the split, so an
+    image gets the same M paths whatever batch or process evaluates it, and evaluation leaves
+    the training's random stream alone.
+    """
+    draws = [torch.randn(M, num_glimpses, 2,
+                         generator=torch.Generator().manual_seed(seed * NOISE_STRIDE + int(i)))
+             for i in positions]
+    noise = torch.stack(draws, 2)  # (M, T, B, 2)
+    return noise.transpose(0, 1).flatten(1, 2)  # (T, M*B, 2)
+
+
 @torch.no_grad()
-def evaluate(model, loader, M, device, amp=False):
+def evaluate(model, loader, M, device, amp=False, seed=0, procs=SINGLE_PROCESS):
     """Accuracy, reconstruction MSE and PSNR over `loader`, with M sampled glimpse paths each.
 
     The class probabilities of the M paths are averaged before the argmax (as in RAM); the
     reconstruction error is the mean over paths of the error after the last glimpse, so it is
-    the error of one real path, not of an average of paths.
+    the error of one real path, not of an average of paths. Under torchrun each process takes
+    its share of the images and the sums are added up, so every process returns the figures of
+    the whole split.
     loc_spread is the std across images of where the policy aims (its mean, without the
     exploration noise), averaged over steps and axes: 0 means every image gets the same path;
     uniform random locations give about 0.58.
     """
     model.eval()
+    T = model.cfg.num_glimpses
     correct, sq_err, spread, seen = 0, 0.0, 0.0, 0
-    for images, labels in loader:
+    for images, labels, positions in loader:
         x, y = to_float(images, device), labels.to(device, non_blocking=True)
         batch = y.shape[0]
+        noise = evaluation_noise(positions, T, M, seed).to(device)
         with autocast(device, amp):
-            out = model(x.repeat(M, 1, 1, 1), every_step=False)  # M independent paths per image
-        probs = out.log_probs.exp().view(M, batch, -1).mean(0)  # (B, classes)
+            out = model(x.repeat(M, 1, 1, 1), every_step=False, noise=noise)  # (M*B, ...)
+        probs = out.log_probs.float().exp().view(M, batch, -1).mean(0)  # (B, classes)
         correct = correct + (probs.argmax(-1) == y).sum()
-        errors = reconstruction_errors(out.recon[-1].view(M, batch, *x.shape[1:]), x)  # (M, B)
-        sq_err = sq_err + errors.mean(0).sum()
+        errors = reconstruction_errors(out.recon[-1].float().view(M, batch, *x.shape[1:]), x)
+        sq_err = sq_err + errors.mean(0).double().sum()  # errors: (M, B)
         if batch > 1:
-            spread = spread + out.loc_means[:, :batch].std(1).mean() * batch  # first path
+            spread = spread + out.loc_means[:, :batch].float().std(1).mean() * batch
         seen += batch
-    mse = sq_err.item() / seen
-    return {"acc": 100.0 * correct.item() / seen, "mse": mse, "psnr": psnr(mse),
-            "loc_spread": float(spread) / seen}
+    totals = all_reduce(torch.tensor([float(correct), float(sq_err), float(spread), seen],
+                                     dtype=torch.float64), procs).tolist()
+    correct, sq_err, spread, seen = totals
+    mse = sq_err / seen
+    return {"acc": 100.0 * correct / seen, "mse": mse, "psnr": psnr(mse),
+            "loc_spread": spread / seen}
 
 
 def rng_state():
@@ -185,14 +220,25 @@ class Trainer:
         args: the parsed flags (training and output options).
         name: the model's name; outputs go to <ckpt_dir>/<name>/ and so on.
         device: where the model runs.
+        procs: this process's place in a torchrun job; only rank 0 writes files.
     """
 
-    def __init__(self, cfg: ModelConfig, weights: LossWeights, args, name, device):
+    def __init__(self, cfg: ModelConfig, weights: LossWeights, args, name, device,
+                 procs=SINGLE_PROCESS):
         self.cfg, self.weights, self.args, self.name, self.device = cfg, weights, args, name, device
+        self.procs = procs
         self.ckpt_folder = os.path.join(args.ckpt_dir, name)
         self.model = RecurrentAttention(cfg).to(device)
-        # What the loops call; checkpoints always hold the plain module's weights.
-        self.step_model = torch.compile(self.model) if args.compile else self.model
+        # What the loops call; checkpoints always hold the plain module's weights, so they
+        # load alike with or without torchrun. The fixed policies leave the locator unused.
+        wrapped = self.model
+        if procs.distributed:
+            wrapped = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=cfg.policy != "learned")
+        self.step_model = torch.compile(wrapped) if args.compile else wrapped
+        # Evaluation needs no gradient exchange: each process runs its share on the module.
+        self.eval_model = torch.compile(self.model) if args.compile else self.model
         self.optimizer = make_optimizer(self.model, args.init_lr, device)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="max", factor=0.1, patience=args.lr_patience)
@@ -205,7 +251,16 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
 
-    def state(self):
+    def gathered_rng(self):
+        """Every process's random streams, rank by rank (a collective under torchrun)."""
+        state = rng_state()
+        if not self.procs.distributed:
+            return [state]
+        states = [None] * self.procs.world_size
+        dist.all_gather_object(states, state)
+        return states
+
+    def state(self, rng):
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -217,19 +272,23 @@ class Trainer:
             "loss_weights": asdict(self.weights),
             "data_generator": self.data_state,
             "step_in_epoch": self.step_in_epoch,
-            "rng": rng_state(),
+            "rng": rng,
         }
 
     def save(self, is_best):
         """Write latest.pth atomically, then point epoch_N.pth (every --ckpt_freq, whole epochs
         only) and best.pth at the same bytes. A crash at any moment leaves each file either old
-        or new, whole. Weights that are not finite are never written."""
+        or new, whole. Weights that are not finite are never written. Every process calls it;
+        rank 0 alone writes. Returns the path of latest.pth."""
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise NonFiniteLossError(f"the weights became NaN or infinite in epoch "
                                      f"{self.epoch + (self.step_in_epoch > 0)}; not saved")
-        os.makedirs(self.ckpt_folder, exist_ok=True)
         latest = os.path.join(self.ckpt_folder, "latest" + CKPT_SUFFIX)
-        state = self.state()
+        rng = self.gathered_rng()
+        if not self.procs.is_main:
+            return latest
+        os.makedirs(self.ckpt_folder, exist_ok=True)
+        state = self.state(rng)
         atomic_write(latest, lambda f: torch.save(state, f))
         if self.step_in_epoch == 0 and self.epoch % self.args.ckpt_freq == 0:
             link_or_copy(latest, os.path.join(self.ckpt_folder, f"epoch_{self.epoch}{CKPT_SUFFIX}"))
@@ -238,6 +297,8 @@ class Trainer:
         return latest
 
     def save_config(self):
+        if not self.procs.is_main:
+            return
         os.makedirs(self.ckpt_folder, exist_ok=True)
         text = json.dumps({"model_config": asdict(self.cfg), "loss_weights": asdict(self.weights),
                            "flags": vars(self.args)}, indent=2, sort_keys=True)
@@ -277,8 +338,21 @@ class Trainer:
             self.epochs_since_best = ckpt["epochs_since_best"]
             self.data_state = ckpt["data_generator"]
             self.step_in_epoch = ckpt["step_in_epoch"]
-            set_rng_state(ckpt["rng"])
+            if len(ckpt["rng"]) == self.procs.world_size:
+                set_rng_state(ckpt["rng"][self.procs.rank])
+            else:  # saved by another number of processes: new streams, still from the seed
+                seed_everything(self.args.random_seed + self.procs.rank + 7919 * self.epoch)
+                if self.procs.is_main:
+                    print(f"note: {path} was saved by {len(ckpt['rng'])} process(es), this run "
+                          f"has {self.procs.world_size}; random streams restart from the seed")
         return ckpt
+
+    def _share_buffers(self):
+        """Give every process rank 0's buffers (BatchNorm statistics) before evaluating: DDP
+        broadcasts them before each training step, so after the last one they differ."""
+        if self.procs.distributed:
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, 0)
 
     # ---------------------------------------------------------------- loops
 
@@ -293,14 +367,16 @@ class Trainer:
         self.save_config()
         while self.epoch < args.epochs:
             if self.epochs_since_best >= args.train_patience:
-                print(f"stopping early: no better validation accuracy in {args.train_patience} "
-                      "epochs")
+                print_main(self.procs, "stopping early: no better validation accuracy in "
+                           f"{args.train_patience} epochs")
                 break
             start = time.perf_counter()
             self.generator.set_state(self.data_state)  # same order as an uninterrupted run
+            set_epoch(train_loader, self.epoch)
             metrics = train_epoch(self.step_model, train_loader, self.optimizer,
                                   self.cfg.objective, self.weights, self.device, self.epoch + 1,
-                                  args.print_freq, args.amp, self.step_in_epoch, should_stop)
+                                  args.print_freq, args.amp, self.step_in_epoch, should_stop,
+                                  self.procs)
             stopped_at = metrics.pop("stopped_at")
             if stopped_at is not None:
                 self.step_in_epoch = stopped_at
@@ -308,7 +384,9 @@ class Trainer:
             self.epoch += 1
             self.step_in_epoch = 0
             self.data_state = self.generator.get_state()
-            valid = evaluate(self.step_model, valid_loader, args.M, self.device, args.amp)
+            self._share_buffers()
+            valid = evaluate(self.eval_model, valid_loader, args.M, self.device, args.amp,
+                             args.random_seed, self.procs)
             metrics.update({f"valid_{k}": v for k, v in valid.items()})
             metrics["lr"] = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step(valid["acc"])
@@ -318,10 +396,10 @@ class Trainer:
             else:
                 self.epochs_since_best += 1
             path = self.save(is_best)
-            if on_epoch_end is not None:
+            if on_epoch_end is not None and self.procs.is_main:
                 on_epoch_end(self)
             metrics["epoch_s"] = time.perf_counter() - start
-            print(format_epoch(self.epoch, args.epochs, metrics, is_best), flush=True)
+            print_main(self.procs, format_epoch(self.epoch, args.epochs, metrics, is_best))
             if writer is not None:
                 for key, value in metrics.items():
                     writer.add_scalar(key, value, self.epoch)
@@ -330,7 +408,14 @@ class Trainer:
                 raise TrainingInterrupted(path, self.epoch, 0)
 
     def test(self, test_loader):
-        return evaluate(self.step_model, test_loader, self.args.M, self.device, self.args.amp)
+        return evaluate(self.eval_model, test_loader, self.args.M, self.device, self.args.amp,
+                        self.args.random_seed, self.procs)
+
+
+def print_main(procs, text):
+    """Print on rank 0 only, so a torchrun job logs each line once."""
+    if procs.is_main:
+        print(text, flush=True)
 
 
 def format_epoch(epoch, epochs, m, is_best):

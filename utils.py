@@ -3,9 +3,11 @@
 import os
 import random
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 
 class UserError(Exception):
@@ -25,6 +27,50 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class Procs:
+    """Where this process stands in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+SINGLE_PROCESS = Procs()
+
+
+def init_distributed(device):
+    """Join torchrun's process group when its environment is set; plain runs get Procs().
+
+    gloo on the CPU, nccl on CUDA with one GPU per process (cuda:LOCAL_RANK).
+    Returns the Procs and the device this process uses.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Procs(), device
+    procs = Procs(int(os.environ["RANK"]), world_size, int(os.environ["LOCAL_RANK"]))
+    if device.type == "cuda":
+        device = torch.device("cuda", procs.local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return procs, device
+
+
+def all_reduce(values, procs, op=None):
+    """Sum (or `op`) a 1-D float64 tensor over all processes; unchanged in a plain run."""
+    if procs.distributed:
+        dist.all_reduce(values, op=op or dist.ReduceOp.SUM)
+    return values
 
 
 def pick_device(name):

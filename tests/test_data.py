@@ -100,8 +100,9 @@ def test_split_is_fixed_disjoint_and_complete():
 def test_batches_are_uint8_until_they_reach_the_device(tiny_cifar):
     data_dir, written = tiny_cifar
     train, valid = data_loader.cifar10_loaders(str(data_dir), 32, 0.1)
-    images, labels = next(iter(valid))
+    images, labels, positions = next(iter(valid))
     assert images.dtype == torch.uint8 and images.shape == (20, 3, 32, 32)
     x = data_loader.to_float(images, torch.device("cpu"))
     assert x.min() >= 0 and x.max() <= 1
-    assert sum(len(y) for _, y in train) == 180
+    assert positions.tolist() == list(range(20))
+    assert sum(len(y) for _, y, _ in train) == 180
