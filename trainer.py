@@ -3,8 +3,10 @@
 import json
 import math
 import os
+import pickle
 import random
 import time
+import zipfile
 from dataclasses import asdict
 
 import numpy as np
@@ -198,13 +200,19 @@ def link_or_copy(src, dst):
 
 def load_checkpoint(path):
     """Read a checkpoint safely (weights_only: tensors and plain values, no code)."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, whole or not at all
+        raise UserError(f"{path} is not a readable checkpoint (truncated, or another kind of "
+                        "file); use another epoch or retrain")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"no checkpoint at {path}") from None
-    except Exception as e:  # truncated, not a checkpoint, or holding objects we never store
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable checkpoint ({first[:200]}); "
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} is not a readable checkpoint: it holds objects other than "
+                        "tensors and plain values, refused since loading them could run code; "
+                        "use a checkpoint written by this project") from None
+    except Exception as e:  # a damaged archive
+        raise UserError(f"{path} is not a readable checkpoint (damaged: {type(e).__name__}); "
                         "use another epoch or retrain") from None
     if not isinstance(ckpt, dict) or not {"model", "model_config", "epoch"} <= ckpt.keys():
         raise UserError(f"{path} is not a checkpoint of this project; use another file")
