@@ -131,10 +131,11 @@ class Retina(nn.Module):
     phi(x, l) = [pool_{s^i}(crop_{g s^i}(x, l))]_{i < k}, zero outside the image.
 
     The image does not change between glimpses, so `prepare` does the pooling once per batch:
-    it zero-pads the image and box-filters it with a stride-1 s^i x s^i mean for every scale.
-    Every pooled patch value is then one pixel of a filtered image, and `forward` is a single
-    gather per glimpse. This gives the same numbers as cropping and pooling each patch, which
-    the tests check against a direct crop.
+    it zero-pads the image and sums it over every s^i x s^i box at stride 1, for every scale.
+    Every pooled patch value is then one such sum over the box's area, and `forward` is a
+    single gather per glimpse (and a scaling of the few values it gathered). This gives the
+    same numbers as cropping and pooling each patch, which the tests check against a direct
+    crop.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -159,6 +160,9 @@ class Retina(nn.Module):
         cols = corner + steps.unsqueeze(-2)  # (k, 1, g)
         base = torch.tensor(self.offsets).view(-1, 1, 1) + rows * side + cols  # (k, g, g)
         self.register_buffer("base_index", base, persistent=False)
+        area = torch.tensor([float(s ** (2 * i)) for i in range(cfg.num_patches)])
+        self.register_buffer("inv_area", (1.0 / area).view(1, 1, -1, 1, 1),
+                             persistent=False)  # (1, 1, k, 1, 1): box sum -> mean
         self.register_buffer("side", side, persistent=False)
 
     def prepare(self, x):
@@ -168,8 +172,8 @@ class Retina(nn.Module):
             x: (B, C, H, W) images.
 
         Returns:
-            (B, C, L) the k filtered images, each flattened, one after the other
-            (L = sum of side_i^2), ready for `forward`'s gather.
+            (B, C, L) the k filtered images (box sums, not yet means), each flattened, one
+            after the other (L = sum of side_i^2), ready for `forward`'s gather.
         """
         cfg, pad = self.cfg, self.pad
         B, C, H, W = x.shape
@@ -180,9 +184,9 @@ class Retina(nn.Module):
         levels[0].zero_()
         levels[0][..., pad:pad + H, pad:pad + W] = x
         for i in range(1, cfg.num_patches):
-            # The (s f)-box mean is the mean of s f-box means f pixels apart, one axis at a
-            # time: s - 1 additions per axis, written straight into place. Several times faster
-            # on the CPU than a stride-1 average pool, and exact for zero padding.
+            # The (s f)-box sum is the sum of s f-box sums f pixels apart, one axis at a time:
+            # s - 1 additions per axis, written straight into place. Several times faster on
+            # the CPU than a stride-1 average pool, and exact for zero padding.
             prev, side, f = levels[i - 1], self.sides[i], s ** (i - 1)
             rows = prev[..., :side, :] + prev[..., f:f + side, :]  # (B, C, side, side_prev)
             for j in range(2, s):
@@ -190,7 +194,7 @@ class Retina(nn.Module):
             torch.add(rows[..., :side], rows[..., f:f + side], out=levels[i])
             for j in range(2, s):
                 levels[i] += rows[..., j * f:j * f + side]
-            levels[i].mul_(1.0 / s**2)
+        # The levels hold box sums; `forward` turns the few gathered ones into means.
         return flat
 
     def forward(self, prepared, l):
@@ -209,7 +213,7 @@ class Retina(nn.Module):
         centre = location_to_pixels(l, cfg.image_size).view(B, 2, 1, 1, 1)  # (B, (x, y), 1, 1, 1)
         index = self.base_index + centre[:, 1] * self.side + centre[:, 0]  # (B, k, g, g)
         index = index.view(B, 1, k * g * g).expand(B, C, k * g * g)
-        phi = prepared.gather(2, index).view(B, C, k, g, g)
+        phi = prepared.gather(2, index).view(B, C, k, g, g) * self.inv_area  # box sums -> means
         return phi.transpose(1, 2)  # (B, k, C, g, g)
 
 
