@@ -105,8 +105,9 @@ def location_to_pixels(l, image_size):
     Returns:
         (..., 2) long tensor of pixel centres (x, y).
     """
-    centre = torch.floor((l.detach().float() + 1.0) * (image_size / 2.0)).long()
-    return centre.clamp(0, image_size)
+    half = image_size / 2.0
+    centre = l.detach().float().mul(half).add_(half).floor_()  # in place: one temporary
+    return centre.long().clamp_(0, image_size)
 
 
 def patch_corners(l, image_size, patch_sizes):
