@@ -105,6 +105,10 @@ def test(args, trainer):
                f"accuracy {m['acc']:.2f}% (error {100 - m['acc']:.2f}%) | reconstruction mse "
                f"{m['mse']:.5f} psnr {m['psnr']:.2f} dB | location spread "
                f"{m['loc_spread']:.3f}")
+    aims = " ".join(f"({x:+.2f},{y:+.2f})±{(sx + sy) / 2:.3f}"
+                    for (x, y), (sx, sy) in zip(m["loc_mean"], m["loc_std"], strict=True))
+    print_main(trainer.procs, f"where the policy aims, glimpse by glimpse, as (x, y) in [-1, 1] "
+               f"± std across images: {aims}")
 
 
 def main(argv=None):

@@ -122,13 +122,16 @@ def evaluate(model, loader, M, device, amp=False, seed=0, procs=SINGLE_PROCESS):
     the error of one real path, not of an average of paths. Under torchrun each process takes
     its share of the images and the sums are added up, so every process returns the figures of
     the whole split.
-    loc_spread is the std across images of where the policy aims (its mean, without the
-    exploration noise), averaged over steps and axes: 0 means every image gets the same path;
-    uniform random locations give about 0.58.
+    Where the policy aims (its mean, without the exploration noise) on each image's first
+    path: loc_mean and loc_std, (T, 2) lists, the mean and std across images per glimpse and
+    axis; loc_spread, loc_std averaged: 0 means every image gets the same path, uniform random
+    locations give about 0.58.
     """
     model.eval()
     T = model.cfg.num_glimpses
-    correct, sq_err, spread, seen = 0, 0.0, 0.0, 0
+    correct, sq_err, seen = 0, 0.0, 0
+    aim_sum = torch.zeros(T, 2, dtype=torch.float64)
+    aim_sq = torch.zeros(T, 2, dtype=torch.float64)
     for images, labels, positions in loader:
         x, y = to_float(images, device), labels.to(device, non_blocking=True)
         batch = y.shape[0]
@@ -139,15 +142,20 @@ def evaluate(model, loader, M, device, amp=False, seed=0, procs=SINGLE_PROCESS):
         correct = correct + (probs.argmax(-1) == y).sum()
         errors = reconstruction_errors(out.recon[-1].float().view(M, batch, *x.shape[1:]), x)
         sq_err = sq_err + errors.mean(0).double().sum()  # errors: (M, B)
-        if batch > 1:
-            spread = spread + out.loc_means[:, :batch].float().std(1).mean() * batch
+        aims = out.loc_means[:, :batch].double().cpu()  # (T, B, 2), the first path
+        aim_sum += aims.sum(1)
+        aim_sq += aims.pow(2).sum(1)
         seen += batch
-    totals = all_reduce(torch.tensor([float(correct), float(sq_err), float(spread), seen],
-                                     dtype=torch.float64), procs).tolist()
-    correct, sq_err, spread, seen = totals
+    totals = torch.cat([torch.tensor([float(correct), float(sq_err), seen], dtype=torch.float64),
+                        aim_sum.flatten(), aim_sq.flatten()])
+    totals = all_reduce(totals, procs)
+    correct, sq_err, seen = totals[:3].tolist()
+    aim_mean = totals[3:3 + 2 * T].view(T, 2) / seen
+    aim_std = (totals[3 + 2 * T:].view(T, 2) / seen - aim_mean.pow(2)).clamp_(min=0).sqrt()
     mse = sq_err / seen
     return {"acc": 100.0 * correct / seen, "mse": mse, "psnr": psnr(mse),
-            "loc_spread": spread / seen}
+            "loc_spread": aim_std.mean().item(), "loc_mean": aim_mean.tolist(),
+            "loc_std": aim_std.tolist()}
 
 
 def rng_state():
@@ -395,7 +403,8 @@ class Trainer:
             self._share_buffers()
             valid = evaluate(self.eval_model, valid_loader, args.M, self.device, args.amp,
                              args.random_seed, self.procs)
-            metrics.update({f"valid_{k}": v for k, v in valid.items()})
+            metrics.update({f"valid_{k}": v for k, v in valid.items()
+                            if k not in ("loc_mean", "loc_std")})
             metrics["lr"] = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step(valid["acc"])
             is_best = valid["acc"] > self.best_valid_acc
