@@ -113,7 +113,17 @@ def test(args, trainer):
 
 def main(argv=None):
     args = parse_args(argv)
-    procs, stop = Procs(), StopOnSignal()
+    if not args.is_train:
+        return run(args, StopOnSignal())
+    # Installed until the run has said how it ended, so that a second Ctrl-C still quits at once
+    # while the first one's checkpoint is written or reported; restored for in-process callers.
+    with StopOnSignal() as stop:
+        return run(args, stop)
+
+
+def run(args, stop):
+    """Train or test as the flags say; returns the exit code."""
+    procs = Procs()
     try:
         cfg = model_config(args)
         weights = loss_weights(args)
@@ -121,8 +131,7 @@ def main(argv=None):
         seed_everything(args.random_seed + procs.rank)  # one policy stream per process
         trainer = Trainer(cfg, weights, args, model_name(cfg), device, procs)
         if args.is_train:
-            with stop:
-                train(args, trainer, stop)
+            train(args, trainer, stop)
         else:
             test(args, trainer)
     except UserError as e:

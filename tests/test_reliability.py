@@ -116,11 +116,17 @@ def test_second_sigint_exits_at_once_without_touching_files(long_epoch_cifar, tm
     data_dir = long_epoch_cifar
     assert main.main(flags(data_dir, tmp_path, "--epochs=1")) == 0
     folder = tmp_path / "ckpt" / NAME
-    # Steps of about a second, so the second signal lands while the first step still runs.
-    proc = start_training(data_dir, tmp_path, "--epochs=1", "--batch_size=900",
-                          "--hidden_size=1024")
-    wait_for_training(proc)
-    before = {p.name: digest(p) for p in folder.iterdir()}
+    before = {p.name: digest(p) for p in folder.glob("*.pth")}
+    # One short training step, then a validation of several seconds: a first Ctrl-C only takes
+    # effect after validation, so the second one surely comes before any file is written.
+    cmd = [sys.executable, os.path.join(ROOT, "main.py"),
+           *flags(data_dir, tmp_path, "--epochs=1", "--valid_size=0.9", "--batch_size=100",
+                  "--M=50", "--hidden_size=512")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    for line in proc.stdout:
+        if line.startswith("training "):
+            break
     proc.send_signal(signal.SIGINT)
     for line in proc.stderr:  # two signals sent at once would merge into one
         if "stopping after this step" in line:
@@ -128,7 +134,7 @@ def test_second_sigint_exits_at_once_without_touching_files(long_epoch_cifar, tm
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
     assert proc.returncode == 130
-    assert {p.name: digest(p) for p in folder.iterdir() if not p.name.endswith(".tmp")} == before
+    assert {p.name: digest(p) for p in folder.glob("*.pth")} == before
 
 
 KILLER = """
