@@ -66,6 +66,8 @@ def train_epoch(model, loader, optimizer, objective, weights, device, epoch, pri
             out = model(x)
             losses = compute_losses(out, x, y, objective, weights)
         stop = should_stop is not None and should_stop() and step < len(loader)
+        # The one read of a device value per step, on purpose: a NaN must stop the run before
+        # the optimizer writes it into the weights, and report the step where it appeared.
         flags = torch.tensor([float(not torch.isfinite(losses["total"])), float(stop)],
                              dtype=torch.float64)
         bad, stop = all_reduce(flags, procs, dist.ReduceOp.MAX).tolist()
