@@ -282,8 +282,11 @@ def make_loader(images, labels, batch_size, shuffle, num_workers=0, generator=No
     # Training standardises features over the batch, which a batch of one image cannot do:
     # drop a last batch only when it would hold a single image.
     drop_last = shuffle and len(dataset) % batch_size == 1
-    # The loader draws a seed for its workers at every epoch; from `generator`, not the global
-    # stream, so the glimpse policy's random numbers do not depend on how data is loaded.
+    # The loader draws a seed for its workers at every pass; from `generator` (a private one
+    # when the order needs none), never from the global stream, so the glimpse policy's random
+    # numbers do not depend on how data is loaded or evaluated.
+    if generator is None:
+        generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, sampler=BatchSampler(order, batch_size, drop_last=drop_last),
                       batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0, generator=generator)

@@ -106,3 +106,14 @@ def test_batches_are_uint8_until_they_reach_the_device(tiny_cifar):
     assert x.min() >= 0 and x.max() <= 1
     assert positions.tolist() == list(range(20))
     assert sum(len(y) for _, y, _ in train) == 180
+
+
+def test_loading_batches_leaves_the_policy_random_stream_alone(tiny_cifar):
+    data_dir, _ = tiny_cifar
+    train, valid = data_loader.cifar10_loaders(str(data_dir), 7, 0.1,
+                                               generator=torch.Generator().manual_seed(1))
+    before = torch.get_rng_state()
+    for loader in (train, valid):
+        for _ in loader:
+            pass
+    assert torch.equal(before, torch.get_rng_state())
