@@ -28,9 +28,11 @@ class Rollout:
     log_pi: (T, B) log-probability of each location under the policy (zeros if not learned).
     baselines: (T, B) value estimate made before each glimpse was chosen.
     log_probs: (B, num_classes) class log-probabilities from the final state.
+    errors: (T, B) mean squared error of the reconstruction after each step, in [0, 1] pixel
+        units, differentiable; (1, B), the last step's alone, when only the end is asked for.
     decoded: (T, B, C, H, W) decoder output of each step (None unless asked for, with patches).
     recon: (T, B, C, H, W) cumulative reconstruction after each step, in [0, 1] pixel units;
-        (1, B, C, H, W), the final one alone, when only the end is decoded.
+        built only with the patches (for the plots), None otherwise.
     patches: (T, B, k, C, g, g) the normalised patches the sensor delivered, or None.
     """
 
@@ -39,8 +41,9 @@ class Rollout:
     log_pi: torch.Tensor
     baselines: torch.Tensor
     log_probs: torch.Tensor
+    errors: torch.Tensor
     decoded: torch.Tensor | None
-    recon: torch.Tensor
+    recon: torch.Tensor | None
     patches: torch.Tensor | None = None
 
 
@@ -89,30 +92,35 @@ class RecurrentAttention(nn.Module):
             l = h.new_zeros(h.shape[0], 2)
         return l, h.new_zeros(h.shape[0]), l
 
-    def forward(self, x, keep_patches=False, every_step=True, noise=None):
+    def forward(self, x, keep_patches=False, every_step=True, noise=None, paths=1):
         """Roll out all glimpses over a batch.
 
         Args:
             x: (B, C, H, W) images in [0, 1].
-            keep_patches: also return the patches and each step's decoder output (for the plots).
-            every_step: decode every step (training, plots); if false, only the final image
-                is decoded, in one matrix product (evaluation).
-            noise: (T, B, 2) standard normal draws for the policy, or None to draw afresh.
-                Evaluation passes noise fixed per image, so its figures do not depend on
-                batching, on the number of processes, or on the training's random stream.
+            keep_patches: also return the patches, each step's decoder output and the cumulative
+                reconstructions (for the plots).
+            every_step: the reconstruction error of every step (training, plots); if false,
+                that of the last step alone (evaluation). Neither builds an image.
+            noise: (T, paths*B, 2) standard normal draws for the policy, or None to draw
+                afresh. Evaluation passes noise fixed per image, so its figures do not depend
+                on batching, on the number of processes, or on the training's random stream.
+            paths: glimpse paths per image (RAM's Monte Carlo test). Path p of image b is
+                column p*B + b of every output; the sensor's and the decoder's per-image work
+                is done once per image, not once per path.
 
         Returns:
-            A `Rollout`.
+            A `Rollout` over paths*B columns.
         """
         cfg = self.cfg
         prepared = self.retina.prepare(self.normalize(x))  # once per batch, reused every step
-        h = x.new_zeros(x.shape[0], cfg.hidden_size)  # (B, hidden)
+        prepared = prepared.repeat(paths, 1, 1)  # (paths*B, C, L)
+        h = x.new_zeros(prepared.shape[0], cfg.hidden_size)  # (paths*B, hidden)
         states, locations, means, log_pis, baselines, patches = [], [], [], [], [], []
         for t in range(cfg.num_glimpses):
             l, log_pi, mu = self._choose_location(h, None if noise is None else noise[t])
             baselines.append(self.baseline(h))  # value of the state the choice was made in
-            phi = self.retina(prepared, l)  # (B, k, C, g, g)
-            h = self.core(self.glimpse(phi, l), h)  # (B, hidden)
+            phi = self.retina(prepared, l)  # (paths*B, k, C, g, g)
+            h = self.core(self.glimpse(phi, l), h)  # (paths*B, hidden)
             states.append(h)
             locations.append(l)
             means.append(mu)
@@ -120,16 +128,19 @@ class RecurrentAttention(nn.Module):
             if keep_patches:
                 patches.append(phi)
         final = h if cfg.objective == "supervised" else h.detach()  # unsupervised: a probe
-        states = torch.stack(states)  # (T, B, hidden)
-        recon = self.decoder(states) if every_step else self.decoder.final(states)
+        states = torch.stack(states)  # (T, paths*B, hidden)
+        # The decoder is linear, so its Gram form gives the errors without building a canvas
+        # (Decoder.direct_errors is the same through the canvases, for a non-linear decoder).
+        errors = self.decoder.errors(states, x, last_only=not every_step)
         return Rollout(
             locations=torch.stack(locations),
             loc_means=torch.stack(means),
             log_pi=torch.stack(log_pis),
             baselines=torch.stack(baselines),
             log_probs=self.classifier(final),
+            errors=errors,
             decoded=self.decoder.steps(states) if keep_patches else None,
-            recon=recon,
+            recon=self.decoder(states) if keep_patches else None,
             patches=torch.stack(patches) if keep_patches else None,
         )
 
@@ -152,18 +163,11 @@ class LossWeights:
 ADVANTAGE_EPS = 1e-6
 
 
-def reconstruction_errors(recon, x):
-    """Mean squared error per image: (..., C, H, W) against (B, C, H, W) -> (...)."""
-    # mse_loss has a fused backward: about half the time of (recon - x).pow(2) on the CPU.
-    squared = F.mse_loss(recon, x.expand_as(recon), reduction="none")  # (..., C, H, W)
-    return squared.flatten(-3).mean(-1)
-
-
-def compute_losses(out: Rollout, x, y, objective, weights: LossWeights):
+def compute_losses(out: Rollout, y, objective, weights: LossWeights):
     """All terms of the training loss, and their weighted sum under `total`.
 
-    recon: mean over steps and images of the MSE between x_hat_t and x; it trains the
-        retina's consumers, core and decoder under both objectives.
+    recon: mean over steps and images of the MSE between x_hat_t and x (the rollout's
+        `errors`); it trains the retina's consumers, core and decoder under both objectives.
     classify: NLL of the labels. Under `unsupervised` the classifier reads a detached state,
         so this trains the probe alone; under `supervised` it trains the whole network.
     reinforce: -sum_t log pi(l_t) * A_t with A_t = G_t - b_t, standardised over the batch.
@@ -172,12 +176,8 @@ def compute_losses(out: Rollout, x, y, objective, weights: LossWeights):
         for a correct final classification, so G_t is 1 or 0 for every step.
     baseline: MSE between b_t and G_t.
     """
-    with torch.no_grad():  # the rewards need no gradient
-        errors = reconstruction_errors(out.recon, x)  # (T, B)
-    # The mean of the per-image errors, as one fused op: its backward is a single pass, where
-    # the mean of `errors` would add a full-size divide and fill (about 10% of a step on a CPU).
-    recon = F.mse_loss(out.recon, x.expand_as(out.recon))
-    losses = {"recon": recon, "classify": F.nll_loss(out.log_probs, y)}
+    errors = out.errors.detach()  # (T, B); the rewards need no gradient
+    losses = {"recon": out.errors.mean(), "classify": F.nll_loss(out.log_probs, y)}
     if objective == "unsupervised":
         rewards = -errors  # (T, B)
         returns = rewards.flip(0).cumsum(0).flip(0)  # (T, B) reward-to-go

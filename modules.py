@@ -344,10 +344,31 @@ class Classifier(nn.Module):
         return F.log_softmax(self.fc(self.norm(h)), dim=-1)
 
 
+class _Gram(torch.autograd.Function):
+    """G = A^T A, whose backward is one product: dL/dA = A (dG + dG^T).
+
+    autograd would treat A^T and A as two operands and pay two (rows x n x n) products.
+    """
+
+    @staticmethod
+    def forward(ctx, a):
+        ctx.save_for_backward(a)
+        return a.t() @ a
+
+    @staticmethod
+    def backward(ctx, grad):
+        (a,) = ctx.saved_tensors
+        return a @ (grad + grad.t())
+
+
 class Decoder(nn.Module):
     """Autoencoder head: each state is decoded to an image increment.
 
     d_t = W h_t + b,   x_hat_t = sum_{tau <= t} d_tau = W (sum_{tau <= t} h_tau) + t b
+
+    The decoder is linear, so training never needs the canvases x_hat_t: `errors` gets every
+    step's squared error from 256-wide vectors (the Gram form below). The canvases are built
+    only where someone looks at them (`forward` for the plots, `final` for evaluation).
 
     Args of forward:
         h: (T, B, hidden_size) states of all steps.
@@ -360,30 +381,74 @@ class Decoder(nn.Module):
         self.shape = (cfg.num_channels, cfg.image_size, cfg.image_size)
         self.fc = nn.Linear(cfg.hidden_size, cfg.image_numel)
 
+    def _augmented(self, h, last_only=False):
+        """The bias enters x_hat_t t times: append t to each summed state and b to W.
+
+        Returns:
+            z: (T, B, hidden_size + 1), [s_t, t] with s_t = h_1 + ... + h_t; (1, B, ...), the
+                last step's alone, with `last_only`.
+            weight: (C*H*W, hidden_size + 1), [W, b]; so that x_hat_t = weight z_t.
+        """
+        T, B, _ = h.shape
+        if last_only:
+            summed, steps = h.sum(0, keepdim=True), torch.full((1, 1, 1), float(T))
+        else:
+            summed, steps = h.cumsum(0), torch.arange(1, T + 1, dtype=h.dtype).view(T, 1, 1)
+        t = steps.to(h.device, h.dtype).expand(summed.shape[0], B, 1)  # (T or 1, B, 1)
+        weight = torch.cat([self.fc.weight, self.fc.bias.unsqueeze(1)], 1)  # (CHW, hidden + 1)
+        return torch.cat([summed, t], -1), weight
+
     def forward(self, h):
         T, B, _ = h.shape
         # Summing the states (T, B, hidden) instead of the images (T, B, C*H*W) makes the
-        # cumulative sum and its backward 12x smaller in the seed configuration. The bias enters
-        # t times: append t to each summed state and b to W, so one matrix product does it all.
-        summed = h.cumsum(0)  # (T, B, hidden)
-        t = torch.arange(1, T + 1, dtype=h.dtype, device=h.device).view(T, 1, 1).expand(T, B, 1)
-        weight = torch.cat([self.fc.weight, self.fc.bias.unsqueeze(1)], 1)  # (CHW, hidden + 1)
-        out = F.linear(torch.cat([summed, t], -1), weight)  # (T, B, C*H*W)
+        # cumulative sum and its backward 12x smaller in the seed configuration.
+        z, weight = self._augmented(h)
+        out = F.linear(z, weight)  # (T, B, C*H*W)
         return out.view(T, B, *self.shape)
+
+    def errors(self, h, x, last_only=False):
+        """Mean squared error of every step's prediction, without building the predictions.
+
+        With z_t = [s_t, t] and A = [W, b], x_hat_t = A z_t, so for each image
+            ||x_hat_t - x||^2 = z_t^T (A^T A) z_t - 2 z_t^T (A^T x) + ||x||^2.
+        A^T A is (hidden+1)^2 and made once per batch, A^T x once per image (not once per
+        path when several paths look at it); each step then costs hidden-wide products instead
+        of a (hidden x C*H*W) one and a C*H*W-wide difference. Computed in float32 whatever
+        the autocast: ||x||^2 is about 15 times the error in the seed configuration, so the
+        terms cancel and bf16 would lose the result.
+
+        Args:
+            h: (T, P*B, hidden_size) states of all steps of P paths over the B images, path p
+                of image b in column p*B + b.
+            x: (B, C, H, W) the images, in the units the decoder predicts.
+            last_only: the error of the last step alone.
+        Returns:
+            (T, P*B) mean over pixels of (x_hat_t - x)^2, differentiable in h, W and b;
+            (1, P*B) with `last_only`.
+        """
+        with torch.autocast(h.device.type, enabled=False):
+            z, weight = self._augmented(h.float(), last_only)  # (T', P*B, hidden+1)
+            weight = weight.float()
+            z = z.view(z.shape[0], -1, x.shape[0], z.shape[-1])  # (T', P, B, hidden+1)
+            flat = x.float().flatten(1)  # (B, CHW)
+            gram = _Gram.apply(weight)  # (hidden+1, hidden+1)
+            projected = flat @ weight  # (B, hidden+1)
+            quadratic = ((z @ gram) * z).sum(-1)  # (T', P, B)
+            cross = (z * projected).sum(-1)  # (T', P, B)
+            squared = quadratic - 2 * cross + flat.pow(2).sum(-1)  # (T', P, B)
+        # Rounding can leave a perfect prediction a hair below zero; an error is never negative.
+        return (squared.clamp(min=0) / flat.shape[1]).flatten(1)  # (T', P*B)
+
+    def direct_errors(self, h, x, last_only=False):
+        """The same errors as `errors`, from the built predictions x_hat_t.
+
+        (T, P*B, C*H*W) canvases and their differences: the path a non-linear decoder would
+        have to take, and the reference the tests hold the Gram form to.
+        """
+        recon = self(h)[-1:] if last_only else self(h)  # (T', P*B, C, H, W)
+        target = x.repeat(h.shape[1] // x.shape[0], 1, 1, 1)  # (P*B, C, H, W)
+        return (recon - target).pow(2).flatten(-3).mean(-1)
 
     def steps(self, h):
         """The output d_t of each step alone: (T, B, hidden_size) -> (T, B, C, H, W)."""
         return self.fc(h).view(*h.shape[:2], *self.shape)
-
-    def final(self, h):
-        """The last cumulative prediction alone: sum_t (W h_t + b) = W sum_t h_t + T b.
-
-        One (B, hidden) x (hidden, C*H*W) product instead of T of them.
-
-        Args:
-            h: (T, B, hidden_size).
-        Returns:
-            (1, B, C, H, W).
-        """
-        out = F.linear(h.sum(0), self.fc.weight, self.fc.bias * h.shape[0])  # (B, C*H*W)
-        return out.view(1, h.shape[1], *self.shape)

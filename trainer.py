@@ -16,9 +16,17 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data_loader import set_epoch, to_float
-from model import LossWeights, RecurrentAttention, compute_losses, psnr, reconstruction_errors
+from model import LossWeights, RecurrentAttention, compute_losses, psnr
 from modules import ModelConfig
-from utils import SINGLE_PROCESS, UserError, all_reduce, atomic_write, autocast, seed_everything
+from utils import (
+    SINGLE_PROCESS,
+    UserError,
+    all_reduce,
+    atomic_write,
+    autocast,
+    compile_model,
+    seed_everything,
+)
 
 CKPT_SUFFIX = ".pth"
 NOISE_STRIDE = 1_000_003  # a prime above any split size: (seed, image) pairs never collide
@@ -64,7 +72,7 @@ def train_epoch(model, loader, optimizer, objective, weights, device, epoch, pri
         x, y = to_float(images, device), labels.to(device, non_blocking=True)
         with autocast(device, amp):
             out = model(x)
-            losses = compute_losses(out, x, y, objective, weights)
+            losses = compute_losses(out, y, objective, weights)
         stop = should_stop is not None and should_stop() and step < len(loader)
         # The one read of a device value per step, on purpose: a NaN must stop the run before
         # the optimizer writes it into the weights, and report the step where it appeared.
@@ -139,10 +147,10 @@ def evaluate(model, loader, M, device, amp=False, seed=0, procs=SINGLE_PROCESS):
         batch = y.shape[0]
         noise = evaluation_noise(positions, T, M, seed).to(device)
         with autocast(device, amp):
-            out = model(x.repeat(M, 1, 1, 1), every_step=False, noise=noise)  # (M*B, ...)
+            out = model(x, every_step=False, noise=noise, paths=M)  # (M*B, ...)
         probs = out.log_probs.float().exp().view(M, batch, -1).mean(0)  # (B, classes)
         correct = correct + (probs.argmax(-1) == y).sum()
-        errors = reconstruction_errors(out.recon[-1].float().view(M, batch, *x.shape[1:]), x)
+        errors = out.errors[-1].view(M, batch)
         sq_err = sq_err + errors.mean(0).double().sum()  # errors: (M, B)
         aims = out.loc_means[:, :batch].double().cpu()  # (T, B, 2), the first path
         aim_sum += aims.sum(1)
@@ -254,9 +262,9 @@ class Trainer:
             wrapped = DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=cfg.policy != "learned")
-        self.step_model = torch.compile(wrapped) if args.compile else wrapped
+        self.step_model = compile_model(wrapped, device) if args.compile else wrapped
         # Evaluation needs no gradient exchange: each process runs its share on the module.
-        self.eval_model = torch.compile(self.model) if args.compile else self.model
+        self.eval_model = compile_model(self.model, device) if args.compile else self.model
         self.optimizer = make_optimizer(self.model, args.init_lr, device)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="max", factor=0.1, patience=args.lr_patience)

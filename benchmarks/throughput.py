@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import build_parser, loss_weights, model_config  # noqa: E402
 from model import RecurrentAttention, compute_losses  # noqa: E402
 from trainer import autocast, make_optimizer  # noqa: E402
-from utils import UserError, pick_device  # noqa: E402
+from utils import UserError, compile_model, pick_device  # noqa: E402
 
 WINDOWS = 3
 WARMUP_STEPS = 5
@@ -66,7 +66,7 @@ def main(argv=None):
     torch.manual_seed(args.random_seed)
 
     model = RecurrentAttention(cfg).to(device)
-    step_model = torch.compile(model) if args.compile else model
+    step_model = compile_model(model, device) if args.compile else model
     optimizer = make_optimizer(model, args.init_lr, device)
     weights = loss_weights(args)
     B = args.batch_size
@@ -76,7 +76,7 @@ def main(argv=None):
     def train_step():
         with autocast(device, args.amp):
             out = step_model(x)
-            losses = compute_losses(out, x, y, cfg.objective, weights)
+            losses = compute_losses(out, y, cfg.objective, weights)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         optimizer.step()

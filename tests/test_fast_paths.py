@@ -21,7 +21,7 @@ SMALL = ModelConfig(glimpse_hidden=16, loc_hidden=16, hidden_size=32, num_glimps
 def one_step(model, x, y, amp=False):
     with autocast(torch.device("cpu"), amp):
         out = model(x)
-        losses = compute_losses(out, x, y, SMALL.objective, LossWeights())
+        losses = compute_losses(out, y, SMALL.objective, LossWeights())
     losses["total"].backward()
     return losses
 
@@ -67,3 +67,59 @@ def test_benchmark_prints_one_json_line():
                 "train_flops_per_image", "train_gflop_per_s", "threads"):
         assert result[key] > 0, key
     assert result["threads"] == 1
+
+
+@pytest.mark.parametrize("objective", ["unsupervised", "supervised"])
+def test_gram_form_gives_the_losses_and_gradients_of_the_built_canvases(objective, monkeypatch):
+    cfg = dataclasses.replace(SMALL, objective=objective)
+    x, y = torch.rand(6, 3, 32, 32), torch.arange(6)
+    results = []
+    for direct in (False, True):
+        torch.manual_seed(0)
+        model = RecurrentAttention(cfg)
+        if direct:
+            monkeypatch.setattr(model.decoder, "errors", model.decoder.direct_errors)
+        torch.manual_seed(1)
+        out = model(x)
+        losses = compute_losses(out, y, objective, LossWeights())
+        losses["total"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.errors.detach(), losses, grads))
+    (gram_errors, gram, gram_grads), (direct_errors, direct, direct_grads) = results
+    assert gram_errors.shape == (cfg.num_glimpses, 6)
+    torch.testing.assert_close(gram_errors, direct_errors, rtol=1e-4, atol=1e-6)
+    for name in ("recon", "reinforce", "baseline", "classify", "total"):
+        torch.testing.assert_close(gram[name], direct[name], rtol=1e-4, atol=1e-6)
+    assert gram_grads.keys() == direct_grads.keys()
+    assert "decoder.fc.weight" in gram_grads and "decoder.fc.bias" in gram_grads
+    for name, grad in gram_grads.items():
+        torch.testing.assert_close(grad, direct_grads[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_gram_form_stays_in_float32_under_amp():
+    model = RecurrentAttention(SMALL)
+    x = torch.rand(4, 3, 32, 32)
+    h = torch.randn(SMALL.num_glimpses, 4, SMALL.hidden_size)
+    with autocast(torch.device("cpu"), True):
+        errors = model.decoder.errors(h.bfloat16(), x)
+    assert errors.dtype == torch.float32
+    torch.testing.assert_close(errors, model.decoder.direct_errors(h.bfloat16().float(), x),
+                               rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_gives_the_cpu_losses_and_gradients():
+    cfg = dataclasses.replace(SMALL, policy="centre")  # no random draw: the same path on both
+    torch.manual_seed(0)
+    cpu_model = RecurrentAttention(cfg)
+    cuda_model = RecurrentAttention(cfg).cuda()
+    cuda_model.load_state_dict(cpu_model.state_dict())
+    x, y = torch.rand(8, 3, 32, 32), torch.arange(8)
+    on_cpu = one_step(cpu_model, x, y)
+    on_cuda = compute_losses(cuda_model(x.cuda()), y.cuda(), cfg.objective, LossWeights())
+    on_cuda["total"].backward()
+    for name in ("recon", "classify", "baseline", "total"):
+        torch.testing.assert_close(on_cuda[name].cpu(), on_cpu[name], rtol=1e-4, atol=1e-6)
+    for (name, p), q in zip(cpu_model.named_parameters(), cuda_model.parameters(), strict=True):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-3, atol=1e-5, msg=name)

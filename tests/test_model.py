@@ -56,13 +56,29 @@ def test_rollout_shapes():
 def test_prediction_is_the_cumulative_sum_of_step_outputs():
     cfg = ModelConfig(**SMALL)
     model = RecurrentAttention(cfg)
+    x = torch.rand(B, 3, 32, 32)
     torch.manual_seed(0)
-    out = model(torch.rand(B, 3, 32, 32), keep_patches=True)
+    out = model(x, keep_patches=True)
     assert torch.allclose(out.recon, out.decoded.cumsum(0), atol=1e-5)
+    by_hand = (out.recon - x).pow(2).flatten(2).mean(-1)  # (T, B)
+    assert torch.allclose(out.errors, by_hand, rtol=1e-4, atol=1e-6)
     torch.manual_seed(0)
-    final = model(torch.rand(B, 3, 32, 32), every_step=False).recon
-    assert final.shape == (1, B, 3, 32, 32)
-    assert torch.allclose(final[0], out.recon[-1], atol=1e-4)
+    last = model(x, every_step=False)
+    assert last.recon is None and last.errors.shape == (1, B)
+    assert torch.allclose(last.errors[0], by_hand[-1], rtol=1e-4, atol=1e-6)
+
+
+def test_paths_equal_a_batch_of_repeated_images():
+    cfg = ModelConfig(**SMALL)
+    model = RecurrentAttention(cfg)
+    x, M = torch.rand(B, 3, 32, 32), 3
+    noise = torch.randn(cfg.num_glimpses, M * B, 2)
+    paths = model(x, every_step=False, noise=noise, paths=M)
+    repeated = model(x.repeat(M, 1, 1, 1), every_step=False, noise=noise)
+    assert paths.errors.shape == (1, M * B)
+    torch.testing.assert_close(paths.errors, repeated.errors, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(paths.log_probs, repeated.log_probs)
+    assert torch.equal(paths.locations, repeated.locations)
 
 
 def test_first_glimpse_is_taken_where_the_policy_aims_from_the_empty_state():
@@ -98,7 +114,7 @@ def rollout_and_losses(objective, labels, seed=0):
     model = RecurrentAttention(cfg)
     x = torch.rand(8, 3, 32, 32)
     out = model(x)
-    return model, compute_losses(out, x, labels, objective, LossWeights())
+    return model, compute_losses(out, labels, objective, LossWeights())
 
 
 @pytest.mark.parametrize("objective", ["unsupervised", "supervised"])
@@ -145,18 +161,16 @@ def test_supervised_labels_train_the_whole_network():
 def fake_rollout(errors_per_image, T=3):
     """A rollout whose reconstruction error per image is given, to test rewards alone."""
     B = len(errors_per_image)
-    x = torch.zeros(B, 1, 1, 1)
-    recon = torch.tensor(errors_per_image).sqrt().view(1, B, 1, 1, 1).expand(T, B, 1, 1, 1)
+    errors = torch.tensor(errors_per_image).expand(T, B)  # (T, B)
     log_pi = torch.zeros(T, B, requires_grad=True)
-    out = Rollout(locations=torch.zeros(T, B, 2), loc_means=torch.zeros(T, B, 2), log_pi=log_pi,
-                  baselines=torch.zeros(T, B), log_probs=torch.zeros(B, 10).log_softmax(-1),
-                  decoded=recon, recon=recon.contiguous())
-    return out, x
+    return Rollout(locations=torch.zeros(T, B, 2), loc_means=torch.zeros(T, B, 2), log_pi=log_pi,
+                   baselines=torch.zeros(T, B), log_probs=torch.zeros(B, 10).log_softmax(-1),
+                   errors=errors, decoded=None, recon=None)
 
 
 def test_unsupervised_reward_favours_the_better_reconstruction():
-    out, x = fake_rollout([0.01, 0.09])  # image 0 is reconstructed better
-    losses = compute_losses(out, x, torch.zeros(2, dtype=torch.long), "unsupervised",
+    out = fake_rollout([0.01, 0.09])  # image 0 is reconstructed better
+    losses = compute_losses(out, torch.zeros(2, dtype=torch.long), "unsupervised",
                             LossWeights())
     (grad,) = torch.autograd.grad(losses["reinforce"], out.log_pi)
     # Gradient descent raises the log-probability of the path that reconstructed better.
@@ -164,10 +178,10 @@ def test_unsupervised_reward_favours_the_better_reconstruction():
 
 
 def test_supervised_reward_is_one_for_a_correct_class():
-    out, x = fake_rollout([0.05, 0.05])
+    out = fake_rollout([0.05, 0.05])
     out = dataclasses.replace(out, log_probs=torch.tensor([[0.0, -9.0], [0.0, -9.0]]))
     y = torch.tensor([0, 1])  # image 0 right, image 1 wrong
-    losses = compute_losses(out, x, y, "supervised", LossWeights())
+    losses = compute_losses(out, y, "supervised", LossWeights())
     (grad,) = torch.autograd.grad(losses["reinforce"], out.log_pi)
     assert (grad[:, 0] < 0).all() and (grad[:, 1] > 0).all()
 
@@ -177,7 +191,7 @@ def test_loss_weights_scale_their_terms():
     x = torch.rand(8, 3, 32, 32)
     weights = LossWeights(recon_weight=2.0, classify_weight=0.0, reinforce_weight=0.0,
                           baseline_weight=0.0)
-    losses = compute_losses(model(x), x, torch.arange(8) % 10, "unsupervised", weights)
+    losses = compute_losses(model(x), torch.arange(8) % 10, "unsupervised", weights)
     assert torch.allclose(losses["total"], 2.0 * losses["recon"])
 
 
