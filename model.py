@@ -113,8 +113,7 @@ class RecurrentAttention(nn.Module):
         """
         cfg = self.cfg
         prepared = self.retina.prepare(self.normalize(x))  # once per batch, reused every step
-        prepared = prepared.repeat(paths, 1, 1)  # (paths*B, C, L)
-        h = x.new_zeros(prepared.shape[0], cfg.hidden_size)  # (paths*B, hidden)
+        h = x.new_zeros(paths * x.shape[0], cfg.hidden_size)  # (paths*B, hidden)
         states, locations, means, log_pis, baselines, patches = [], [], [], [], [], []
         for t in range(cfg.num_glimpses):
             l, log_pi, mu = self._choose_location(h, None if noise is None else noise[t])

@@ -199,23 +199,25 @@ class Retina(nn.Module):
         return flat
 
     def forward(self, prepared, l):
-        """Take one glimpse per image.
+        """Take one glimpse per image and path.
 
         Args:
             prepared: (B, C, L) output of `prepare`.
-            l: (B, 2) locations in [-1, 1].
+            l: (P*B, 2) locations in [-1, 1], P paths per image: row p*B + b looks at image b.
 
         Returns:
-            (B, k, C, g, g) pooled patches.
+            (P*B, k, C, g, g) pooled patches.
         """
         cfg = self.cfg
-        B, C, _ = prepared.shape
-        k, g = cfg.num_patches, cfg.patch_size
-        centre = location_to_pixels(l, cfg.image_size).view(B, 2, 1, 1, 1)  # (B, (x, y), 1, 1, 1)
-        index = self.base_index + centre[:, 1] * self.side + centre[:, 0]  # (B, k, g, g)
-        index = index.view(B, 1, k * g * g).expand(B, C, k * g * g)
-        phi = prepared.gather(2, index).view(B, C, k, g, g) * self.inv_area  # box sums -> means
-        return phi.transpose(1, 2)  # (B, k, C, g, g)
+        B, C, L = prepared.shape
+        N, k, g = l.shape[0], cfg.num_patches, cfg.patch_size
+        centre = location_to_pixels(l, cfg.image_size).view(N, 2, 1, 1, 1)  # (N, (x, y), 1, 1, 1)
+        index = self.base_index + centre[:, 1] * self.side + centre[:, 0]  # (N, k, g, g)
+        index = index.view(N // B, B, 1, k * g * g).expand(N // B, B, C, k * g * g)
+        # The paths read the same prepared images: a stride-0 view, never a copy per path.
+        source = prepared.expand(N // B, B, C, L)  # (P, B, C, L)
+        phi = source.gather(3, index).view(N, C, k, g, g) * self.inv_area  # box sums -> means
+        return phi.transpose(1, 2)  # (N, k, C, g, g)
 
 
 class GlimpseNetwork(nn.Module):
