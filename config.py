@@ -4,7 +4,7 @@ import argparse
 import sys
 
 from model import LossWeights
-from modules import OBJECTIVES, POLICIES, ModelConfig
+from modules import BASELINES, OBJECTIVES, POLICIES, PROBE_INPUTS, REWARDS, ModelConfig
 from utils import UserError, str2bool
 
 
@@ -97,6 +97,9 @@ def build_parser():
     core.add_argument("--policy", choices=POLICIES, default="learned",
                       help="where glimpses go: learned (REINFORCE), random (uniform) or centre; "
                       "the last two are ablations")
+    core.add_argument("--baseline", choices=BASELINES, default="shared",
+                      help="REINFORCE's value estimate: one linear head for every step (shared) "
+                      "or one head per step (per_step)")
     core.add_argument("--M", type=_positive_int, default=10,
                       help="Monte Carlo samples of the glimpse path averaged at validation and "
                       "test")
@@ -105,6 +108,13 @@ def build_parser():
     loss.add_argument("--objective", choices=OBJECTIVES, default="unsupervised",
                       help="unsupervised: reconstruction trains the model, labels reach only "
                       "a probe on the detached final state; supervised: RAM's hybrid loss")
+    loss.add_argument("--reward", choices=REWARDS, default="sum",
+                      help="unsupervised reward of a location: sum: minus the errors after its "
+                      "glimpse and every later one; gain: how much its own glimpse lowered the "
+                      "error")
+    loss.add_argument("--probe_input", choices=PROBE_INPUTS, default="summed",
+                      help="what the classifier reads: summed: s_T = h_1 + ... + h_T, the code "
+                      "the decoder reads; last: h_T")
     for name, default, what in (
         ("recon_weight", 1.0, "reconstruction MSE"),
         ("classify_weight", 1.0, "classification NLL (the probe's, under unsupervised)"),
@@ -182,7 +192,8 @@ def model_config(args, **overrides):
     """The ModelConfig the flags describe; a combination it cannot be built with is a UserError."""
     fields = {name: getattr(args, name) for name in (
         "patch_size", "glimpse_scale", "num_patches", "glimpse_hidden", "loc_hidden",
-        "hidden_size", "num_glimpses", "std", "policy", "objective")}
+        "hidden_size", "num_glimpses", "std", "policy", "objective", "reward", "baseline",
+        "probe_input")}
     try:
         return ModelConfig(**{**fields, **overrides})
     except ValueError as e:
@@ -196,7 +207,8 @@ def loss_weights(args):
 
 
 def model_name(cfg: ModelConfig):
-    """ram_<glimpses>_<g>x<g>_<scale>, with the objective and policy appended when not default."""
+    """ram_<glimpses>_<g>x<g>_<scale>, with the objective, the policy and the reward, baseline
+    and probe options appended when not default."""
     name = f"ram_{cfg.num_glimpses}_{cfg.patch_size}x{cfg.patch_size}_{cfg.glimpse_scale}"
     if cfg.num_patches != ModelConfig.num_patches:
         name += f"_k{cfg.num_patches}"
@@ -204,4 +216,7 @@ def model_name(cfg: ModelConfig):
         name += f"_{cfg.objective}"
     if cfg.policy != ModelConfig.policy:
         name += f"_{cfg.policy}"
+    for option in ("reward", "baseline", "probe_input"):  # ablations get folders of their own
+        if getattr(cfg, option) != getattr(ModelConfig, option):
+            name += f"_{getattr(cfg, option)}"
     return name

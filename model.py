@@ -27,9 +27,10 @@ class Rollout:
     loc_means: (T, B, 2) where the policy aimed (its mean; the location itself when not learned).
     log_pi: (T, B) log-probability of each location under the policy (zeros if not learned).
     baselines: (T, B) value estimate made before each glimpse was chosen.
-    log_probs: (B, num_classes) class log-probabilities from the final state.
+    log_probs: (B, num_classes) class log-probabilities from the model's code of the image.
     errors: (T, B) mean squared error of the reconstruction after each step, in [0, 1] pixel
         units, differentiable; (1, B), the last step's alone, when only the end is asked for.
+    blank_errors: (B,) the error before any glimpse, of the empty prediction x_hat_0 = 0.
     decoded: (T, B, C, H, W) decoder output of each step (None unless asked for, with patches).
     recon: (T, B, C, H, W) cumulative reconstruction after each step, in [0, 1] pixel units;
         built only with the patches (for the plots), None otherwise.
@@ -42,6 +43,7 @@ class Rollout:
     baselines: torch.Tensor
     log_probs: torch.Tensor
     errors: torch.Tensor
+    blank_errors: torch.Tensor
     decoded: torch.Tensor | None
     recon: torch.Tensor | None
     patches: torch.Tensor | None = None
@@ -117,7 +119,7 @@ class RecurrentAttention(nn.Module):
         states, locations, means, log_pis, baselines, patches = [], [], [], [], [], []
         for t in range(cfg.num_glimpses):
             l, log_pi, mu = self._choose_location(h, None if noise is None else noise[t])
-            baselines.append(self.baseline(h))  # value of the state the choice was made in
+            baselines.append(self.baseline(h, t))  # value of the state the choice was made in
             phi = self.retina(prepared, l)  # (paths*B, k, C, g, g)
             h = self.core(self.glimpse(phi, l), h)  # (paths*B, hidden)
             states.append(h)
@@ -126,8 +128,9 @@ class RecurrentAttention(nn.Module):
             log_pis.append(log_pi)
             if keep_patches:
                 patches.append(phi)
-        final = h if cfg.objective == "supervised" else h.detach()  # unsupervised: a probe
         states = torch.stack(states)  # (T, paths*B, hidden)
+        code = states.sum(0) if cfg.probe_input == "summed" else h  # (paths*B, hidden)
+        code = code if cfg.objective == "supervised" else code.detach()  # unsupervised: a probe
         # The decoder is linear, so its Gram form gives the errors without building a canvas
         # (Decoder.direct_errors is the same through the canvases, for a non-linear decoder).
         errors = self.decoder.errors(states, x, last_only=not every_step)
@@ -136,8 +139,9 @@ class RecurrentAttention(nn.Module):
             loc_means=torch.stack(means),
             log_pi=torch.stack(log_pis),
             baselines=torch.stack(baselines),
-            log_probs=self.classifier(final),
+            log_probs=self.classifier(code),
             errors=errors,
+            blank_errors=x.pow(2).flatten(1).mean(-1).repeat(paths),  # (paths*B,)
             decoded=self.decoder.steps(states) if keep_patches else None,
             recon=self.decoder(states) if keep_patches else None,
             patches=torch.stack(patches) if keep_patches else None,
@@ -162,7 +166,7 @@ class LossWeights:
 ADVANTAGE_EPS = 1e-6
 
 
-def compute_losses(out: Rollout, y, objective, weights: LossWeights):
+def compute_losses(out: Rollout, y, cfg: ModelConfig, weights: LossWeights):
     """All terms of the training loss, and their weighted sum under `total`.
 
     recon: mean over steps and images of the MSE between x_hat_t and x (the rollout's
@@ -170,19 +174,23 @@ def compute_losses(out: Rollout, y, objective, weights: LossWeights):
     classify: NLL of the labels. Under `unsupervised` the classifier reads a detached state,
         so this trains the probe alone; under `supervised` it trains the whole network.
     reinforce: -sum_t log pi(l_t) * A_t with A_t = G_t - b_t, standardised over the batch.
-        Returns: `unsupervised` rewards each glimpse with -MSE after it (higher is a better
-        reconstruction) and G_t sums the rewards from step t on; `supervised` gives reward 1
-        for a correct final classification, so G_t is 1 or 0 for every step.
+        Returns under `unsupervised`, with e_t the error after glimpse t (e_0 before any):
+        `reward=sum` pays each glimpse -e_t and G_t sums the rewards from step t on;
+        `reward=gain` pays each location what its glimpse added, G_t = e_{t-1} - e_t, and
+        nothing for later steps (their gains are paid to their own locations). Under
+        `supervised` the reward is 1 for a correct final classification, so G_t is 1 or 0.
     baseline: MSE between b_t and G_t.
     """
     errors = out.errors.detach()  # (T, B); the rewards need no gradient
     losses = {"recon": out.errors.mean(), "classify": F.nll_loss(out.log_probs, y)}
-    if objective == "unsupervised":
-        rewards = -errors  # (T, B)
-        returns = rewards.flip(0).cumsum(0).flip(0)  # (T, B) reward-to-go
-    else:
+    if cfg.objective == "supervised":
         correct = (out.log_probs.detach().argmax(-1) == y).to(errors.dtype)  # (B,)
         returns = correct.expand_as(errors)  # (T, B)
+    elif cfg.reward == "gain":
+        before = torch.cat([out.blank_errors.unsqueeze(0), errors[:-1]])  # (T, B): e_{t-1}
+        returns = before - errors  # (T, B)
+    else:
+        returns = (-errors).flip(0).cumsum(0).flip(0)  # (T, B) reward-to-go
     advantage = returns - out.baselines.detach()  # (T, B)
     if advantage.shape[1] > 1:
         # Centre and scale each step's advantages over the batch: the baseline is poor early

@@ -40,6 +40,9 @@ class ModelConfig:
     std: float = 0.05
     policy: str = "learned"
     objective: str = "unsupervised"
+    reward: str = "sum"
+    baseline: str = "shared"
+    probe_input: str = "summed"
     pixel_mean: tuple = CIFAR10_MEAN
     pixel_std: tuple = CIFAR10_STD
 
@@ -58,6 +61,11 @@ class ModelConfig:
         if self.objective not in OBJECTIVES:
             raise ValueError(
                 f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        for name, choices in (("reward", REWARDS), ("baseline", BASELINES),
+                              ("probe_input", PROBE_INPUTS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"--{name} must be one of {', '.join(choices)}, "
+                                 f"got {getattr(self, name)!r}")
         if self.num_patches > 1 and self.glimpse_scale < 2:
             raise ValueError("--glimpse_scale must be at least 2 when --num_patches > 1 "
                              "(scale 1 would take the same patch several times)")
@@ -88,6 +96,9 @@ class ModelConfig:
 
 POLICIES = ("learned", "random", "centre")
 OBJECTIVES = ("unsupervised", "supervised")
+REWARDS = ("sum", "gain")  # how the unsupervised objective pays a glimpse: see compute_losses
+BASELINES = ("shared", "per_step")
+PROBE_INPUTS = ("summed", "last")
 
 
 def location_to_pixels(l, image_size):
@@ -307,24 +318,34 @@ class LocationNetwork(nn.Module):
 class BaselineNetwork(nn.Module):
     """Value estimate used to reduce the variance of REINFORCE.
 
-    b_t = W h_t  (on the detached state; trained by MSE to the return)
+    shared:   b_t = w^T h_{t-1} + c      (one head for every step)
+    per_step: b_t = w_t^T h_{t-1} + c_t  (a head per step: the returns of step 1 and step T
+              differ in scale, which one head cannot tell apart from the state alone)
+    On the detached state; trained by MSE to the return.
 
     Args of forward:
-        h: (..., hidden_size).
+        h: (B, hidden_size) the state the location of glimpse t is chosen in.
+        t: the glimpse's index, 0 for the first.
     Returns:
-        b: (...,).
+        b: (B,).
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.hidden_size, 1)
+        self.per_step = cfg.baseline == "per_step"
+        self.fc = nn.Linear(cfg.hidden_size, cfg.num_glimpses if self.per_step else 1)
 
-    def forward(self, h):
-        return self.fc(h.detach()).squeeze(-1)
+    def forward(self, h, t):
+        values = self.fc(h.detach())  # (B, T or 1)
+        return values[:, t] if self.per_step else values.squeeze(-1)
 
 
 class Classifier(nn.Module):
-    """Class scores from the final state: log softmax(W standardise(h_T)).
+    """Class scores from the model's code of the image: log softmax(W standardise(c)).
+
+    c is s_T = h_1 + ... + h_T by default (`probe_input=summed`): the decoder reads exactly
+    that sum (x_hat_T = W s_T + T b), so it is what the model knows of the image; h_T alone
+    (`last`) carries only the last increment.
 
     Under the unsupervised objective it is fed a detached state and is only a probe. Each
     feature is standardised over the batch (BatchNorm without learned scale, the usual linear

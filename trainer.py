@@ -49,7 +49,7 @@ def make_optimizer(model, lr, device):
     return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
 
 
-def train_epoch(model, loader, optimizer, objective, weights, device, epoch, print_freq=10,
+def train_epoch(model, loader, optimizer, cfg, weights, device, epoch, print_freq=10,
                 amp=False, skip=0, should_stop=None, procs=SINGLE_PROCESS):
     """One pass over `loader`. Returns the epoch's mean losses, accuracy and images per second
     (summed over all processes), and `stopped_at`: the batches done if `should_stop()` ended
@@ -72,7 +72,7 @@ def train_epoch(model, loader, optimizer, objective, weights, device, epoch, pri
         x, y = to_float(images, device), labels.to(device, non_blocking=True)
         with autocast(device, amp):
             out = model(x)
-            losses = compute_losses(out, y, objective, weights)
+            losses = compute_losses(out, y, cfg, weights)
         stop = should_stop is not None and should_stop() and step < len(loader)
         # The one read of a device value per step, on purpose: a NaN must stop the run before
         # the optimizer writes it into the weights, and report the step where it appeared.
@@ -400,7 +400,7 @@ class Trainer:
             self.generator.set_state(self.data_state)  # same order as an uninterrupted run
             set_epoch(train_loader, self.epoch)
             metrics = train_epoch(self.step_model, train_loader, self.optimizer,
-                                  self.cfg.objective, self.weights, self.device, self.epoch + 1,
+                                  self.cfg, self.weights, self.device, self.epoch + 1,
                                   args.print_freq, args.amp, self.step_in_epoch, should_stop,
                                   self.procs)
             stopped_at = metrics.pop("stopped_at")

@@ -51,11 +51,14 @@ def main():
     x, y = torch.rand(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
     locations = torch.rand(cfg.num_glimpses, BATCH, 2) * 2 - 1
 
-    # Commits before the Gram-form decoder passed the images to compute_losses as well.
-    images = (x,) if "x" in inspect.signature(compute_losses).parameters else ()
+    # compute_losses took (out, x, y, objective, weights) before the Gram-form decoder, and
+    # (out, y, cfg, weights) since the reward and baseline options.
+    params = inspect.signature(compute_losses).parameters
+    given = (x, y, cfg.objective) if "x" in params else (y, cfg) if "cfg" in params \
+        else (y, cfg.objective)
 
     def train_step():
-        losses = compute_losses(model(x), *images, y, cfg.objective, LossWeights())
+        losses = compute_losses(model(x), *given, LossWeights())
         optimizer.zero_grad()
         losses["total"].backward()
         optimizer.step()

@@ -76,7 +76,7 @@ def main(argv=None):
     def train_step():
         with autocast(device, args.amp):
             out = step_model(x)
-            losses = compute_losses(out, y, cfg.objective, weights)
+            losses = compute_losses(out, y, cfg, weights)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         optimizer.step()

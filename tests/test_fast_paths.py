@@ -21,7 +21,7 @@ SMALL = ModelConfig(glimpse_hidden=16, loc_hidden=16, hidden_size=32, num_glimps
 def one_step(model, x, y, amp=False):
     with autocast(torch.device("cpu"), amp):
         out = model(x)
-        losses = compute_losses(out, y, SMALL.objective, LossWeights())
+        losses = compute_losses(out, y, SMALL, LossWeights())
     losses["total"].backward()
     return losses
 
@@ -81,7 +81,7 @@ def test_gram_form_gives_the_losses_and_gradients_of_the_built_canvases(objectiv
             monkeypatch.setattr(model.decoder, "errors", model.decoder.direct_errors)
         torch.manual_seed(1)
         out = model(x)
-        losses = compute_losses(out, y, objective, LossWeights())
+        losses = compute_losses(out, y, cfg, LossWeights())
         losses["total"].backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((out.errors.detach(), losses, grads))
@@ -116,7 +116,7 @@ def test_cuda_step_gives_the_cpu_losses_and_gradients():
     cuda_model.load_state_dict(cpu_model.state_dict())
     x, y = torch.rand(8, 3, 32, 32), torch.arange(8)
     on_cpu = one_step(cpu_model, x, y)
-    on_cuda = compute_losses(cuda_model(x.cuda()), y.cuda(), cfg.objective, LossWeights())
+    on_cuda = compute_losses(cuda_model(x.cuda()), y.cuda(), cfg, LossWeights())
     on_cuda["total"].backward()
     for name in ("recon", "classify", "baseline", "total"):
         torch.testing.assert_close(on_cuda[name].cpu(), on_cpu[name], rtol=1e-4, atol=1e-6)

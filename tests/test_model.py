@@ -36,7 +36,7 @@ def test_every_module_has_the_documented_shapes():
     l_next, log_pi, mu = LocationNetwork(cfg)(h)
     assert l_next.shape == (B, 2) and log_pi.shape == (B,) and mu.shape == (B, 2)
     assert l_next.abs().max() <= 1.0
-    assert BaselineNetwork(cfg)(h).shape == (B,)
+    assert BaselineNetwork(cfg)(h, 0).shape == (B,)
     assert Classifier(cfg)(h).shape == (B, 10)
     assert Decoder(cfg)(torch.stack([h, h])).shape == (2, B, 3, 32, 32)
     assert Decoder(cfg).steps(torch.stack([h, h])).shape == (2, B, 3, 32, 32)
@@ -114,7 +114,7 @@ def rollout_and_losses(objective, labels, seed=0):
     model = RecurrentAttention(cfg)
     x = torch.rand(8, 3, 32, 32)
     out = model(x)
-    return model, compute_losses(out, labels, objective, LossWeights())
+    return model, compute_losses(out, labels, cfg, LossWeights())
 
 
 @pytest.mark.parametrize("objective", ["unsupervised", "supervised"])
@@ -165,12 +165,12 @@ def fake_rollout(errors_per_image, T=3):
     log_pi = torch.zeros(T, B, requires_grad=True)
     return Rollout(locations=torch.zeros(T, B, 2), loc_means=torch.zeros(T, B, 2), log_pi=log_pi,
                    baselines=torch.zeros(T, B), log_probs=torch.zeros(B, 10).log_softmax(-1),
-                   errors=errors, decoded=None, recon=None)
+                   errors=errors, blank_errors=torch.ones(B), decoded=None, recon=None)
 
 
 def test_unsupervised_reward_favours_the_better_reconstruction():
     out = fake_rollout([0.01, 0.09])  # image 0 is reconstructed better
-    losses = compute_losses(out, torch.zeros(2, dtype=torch.long), "unsupervised",
+    losses = compute_losses(out, torch.zeros(2, dtype=torch.long), ModelConfig(),
                             LossWeights())
     (grad,) = torch.autograd.grad(losses["reinforce"], out.log_pi)
     # Gradient descent raises the log-probability of the path that reconstructed better.
@@ -181,7 +181,7 @@ def test_supervised_reward_is_one_for_a_correct_class():
     out = fake_rollout([0.05, 0.05])
     out = dataclasses.replace(out, log_probs=torch.tensor([[0.0, -9.0], [0.0, -9.0]]))
     y = torch.tensor([0, 1])  # image 0 right, image 1 wrong
-    losses = compute_losses(out, y, "supervised", LossWeights())
+    losses = compute_losses(out, y, ModelConfig(objective="supervised"), LossWeights())
     (grad,) = torch.autograd.grad(losses["reinforce"], out.log_pi)
     assert (grad[:, 0] < 0).all() and (grad[:, 1] > 0).all()
 
@@ -191,7 +191,7 @@ def test_loss_weights_scale_their_terms():
     x = torch.rand(8, 3, 32, 32)
     weights = LossWeights(recon_weight=2.0, classify_weight=0.0, reinforce_weight=0.0,
                           baseline_weight=0.0)
-    losses = compute_losses(model(x), torch.arange(8) % 10, "unsupervised", weights)
+    losses = compute_losses(model(x), torch.arange(8) % 10, model.cfg, weights)
     assert torch.allclose(losses["total"], 2.0 * losses["recon"])
 
 
@@ -204,3 +204,49 @@ def test_config_rejects_sizes_the_model_cannot_be_built_with():
         ModelConfig(std=0.0)
     with pytest.raises(ValueError, match="hidden_size"):
         ModelConfig(hidden_size=0)
+
+
+def test_probe_reads_the_summed_states_by_default_and_the_last_on_request():
+    x = torch.rand(B, 3, 32, 32)
+    for probe_input in ("summed", "last"):
+        model = RecurrentAttention(ModelConfig(**SMALL, probe_input=probe_input))
+        states, seen = [], []
+        model.core.register_forward_hook(lambda m, args, out: states.append(out))
+        model.classifier.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        model(x)
+        expected = torch.stack(states).sum(0) if probe_input == "summed" else states[-1]
+        assert torch.equal(seen[0], expected)
+        assert not seen[0].requires_grad  # unsupervised: labels never reach the model
+
+
+def reinforce_grad(errors, blank, reward):
+    """d reinforce / d log pi for a two-image rollout with the given (T, B) errors."""
+    out = dataclasses.replace(fake_rollout([0.0, 0.0], T=len(errors)),
+                              errors=torch.tensor(errors), blank_errors=torch.tensor(blank))
+    losses = compute_losses(out, torch.zeros(2, dtype=torch.long), ModelConfig(reward=reward),
+                            LossWeights())
+    return torch.autograd.grad(losses["reinforce"], out.log_pi)[0]
+
+
+def test_gain_reward_pays_each_location_for_its_own_glimpse_only():
+    # Both images gain 0.5 from glimpse 1; only image 0 gains again from glimpse 2.
+    errors, blank = [[0.5, 0.5], [0.1, 0.5]], [1.0, 1.0]
+    gain = reinforce_grad(errors, blank, "gain")
+    assert torch.allclose(gain[0], torch.zeros(2), atol=1e-6)  # glimpse 1: equal gains
+    assert gain[1, 0] < 0 < gain[1, 1]  # glimpse 2: image 0's location is favoured
+    summed = reinforce_grad(errors, blank, "sum")
+    assert summed[0, 0] < 0 < summed[0, 1]  # the sum credits glimpse 1 with glimpse 2's gain
+
+
+def test_per_step_baseline_has_a_head_per_glimpse():
+    cfg = ModelConfig(**SMALL, baseline="per_step")
+    baseline = RecurrentAttention(cfg).baseline
+    h = torch.randn(B, cfg.hidden_size)
+    values = torch.stack([baseline(h, t) for t in range(cfg.num_glimpses)])  # (T, B)
+    assert values.shape == (cfg.num_glimpses, B)
+    assert not torch.allclose(values[0], values[1])
+    values[1].sum().backward()
+    grad = baseline.fc.weight.grad  # (T, hidden): only step 1's head learns from step 1
+    assert (grad[1] != 0).any() and (grad[0] == 0).all() and (grad[2:] == 0).all()
+    shared = RecurrentAttention(ModelConfig(**SMALL)).baseline
+    assert torch.equal(shared(h, 0), shared(h, 2))
