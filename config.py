@@ -95,8 +95,8 @@ def build_parser():
                       help="standard deviation of the Gaussian location policy (locations are "
                       "in [-1, 1])")
     core.add_argument("--policy", choices=POLICIES, default="learned",
-                      help="where glimpses go: learned (REINFORCE), random (uniform) or centre; "
-                      "the last two are ablations")
+                      help="where glimpses go: learned (REINFORCE); the ablations random "
+                      "(uniform), centre, or grid (a fixed raster scan that covers the image)")
     core.add_argument("--baseline", choices=BASELINES, default="shared",
                       help="REINFORCE's value estimate: one linear head for every step (shared) "
                       "or one head per step (per_step)")

@@ -16,6 +16,7 @@ from modules import (
     LocationNetwork,
     ModelConfig,
     Retina,
+    location_to_pixels,
 )
 
 
@@ -28,6 +29,8 @@ class Rollout:
     log_pi: (T, B) log-probability of each location under the policy (zeros if not learned).
     baselines: (T, B) value estimate made before each glimpse was chosen.
     log_probs: (B, num_classes) class log-probabilities from the model's code of the image.
+    code: (B, hidden_size) that code, what the classifier reads (`probe_input`); detached
+        under `unsupervised`.
     errors: (T, B) mean squared error of the reconstruction after each step, in [0, 1] pixel
         units, differentiable; (1, B), the last step's alone, when only the end is asked for.
     blank_errors: (B,) the error before any glimpse, of the empty prediction x_hat_0 = 0.
@@ -42,11 +45,26 @@ class Rollout:
     log_pi: torch.Tensor
     baselines: torch.Tensor
     log_probs: torch.Tensor
+    code: torch.Tensor
     errors: torch.Tensor
     blank_errors: torch.Tensor
     decoded: torch.Tensor | None
     recon: torch.Tensor | None
     patches: torch.Tensor | None = None
+
+
+def grid_locations(num_glimpses):
+    """The `grid` policy's fixed scan: a raster of n x n cell centres, n = ceil(sqrt(T)),
+    row by row from the top left, the first T of them. For 9 glimpses the centres are at
+    -2/3, 0 and +2/3 on each axis, and their 12 px patches tile a 32 px image.
+
+    Returns:
+        (T, 2) locations (x, y) in [-1, 1].
+    """
+    n = math.ceil(math.sqrt(num_glimpses))
+    centres = (2 * torch.arange(n, dtype=torch.float32) + 1) / n - 1  # (n,)
+    ys, xs = torch.meshgrid(centres, centres, indexing="ij")  # (n, n) each
+    return torch.stack([xs.flatten(), ys.flatten()], -1)[:num_glimpses]  # (T, 2)
 
 
 class RecurrentAttention(nn.Module):
@@ -66,6 +84,7 @@ class RecurrentAttention(nn.Module):
         self.baseline = BaselineNetwork(cfg)
         self.classifier = Classifier(cfg)
         self.decoder = Decoder(cfg)
+        self.register_buffer("grid", grid_locations(cfg.num_glimpses), persistent=False)
         shape = (1, cfg.num_channels, 1, 1)
         self.register_buffer("mean", torch.tensor(cfg.pixel_mean).view(shape), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.pixel_std).view(shape), persistent=False)
@@ -76,8 +95,8 @@ class RecurrentAttention(nn.Module):
     def unnormalize(self, x):
         return x * self.std + self.mean
 
-    def _choose_location(self, h, noise):
-        """Next location, its log-probability and the policy's mean, by the configured policy.
+    def _choose_location(self, h, t, noise):
+        """Location of glimpse t, its log-probability and the policy's mean, by the policy.
 
         `noise` (B, 2), standard normal or None, replaces the policy's own random draw; the
         random policy turns it into a uniform location through the normal CDF.
@@ -90,6 +109,8 @@ class RecurrentAttention(nn.Module):
                 l = torch.rand(h.shape[0], 2, device=h.device, dtype=h.dtype) * 2 - 1
             else:
                 l = (torch.special.ndtr(noise) * 2 - 1).to(h.dtype)
+        elif policy == "grid":
+            l = self.grid[t].to(h.dtype).expand(h.shape[0], 2)
         else:  # centre
             l = h.new_zeros(h.shape[0], 2)
         return l, h.new_zeros(h.shape[0]), l
@@ -118,7 +139,7 @@ class RecurrentAttention(nn.Module):
         h = x.new_zeros(paths * x.shape[0], cfg.hidden_size)  # (paths*B, hidden)
         states, locations, means, log_pis, baselines, patches = [], [], [], [], [], []
         for t in range(cfg.num_glimpses):
-            l, log_pi, mu = self._choose_location(h, None if noise is None else noise[t])
+            l, log_pi, mu = self._choose_location(h, t, None if noise is None else noise[t])
             baselines.append(self.baseline(h, t))  # value of the state the choice was made in
             phi = self.retina(prepared, l)  # (paths*B, k, C, g, g)
             h = self.core(self.glimpse(phi, l), h)  # (paths*B, hidden)
@@ -140,6 +161,7 @@ class RecurrentAttention(nn.Module):
             log_pi=torch.stack(log_pis),
             baselines=torch.stack(baselines),
             log_probs=self.classifier(code),
+            code=code,
             errors=errors,
             blank_errors=x.pow(2).flatten(1).mean(-1).repeat(paths),  # (paths*B,)
             decoded=self.decoder.steps(states) if keep_patches else None,
@@ -207,6 +229,25 @@ def compute_losses(out: Rollout, y, cfg: ModelConfig, weights: LossWeights):
         + weights.baseline_weight * losses["baseline"]
     )
     return losses
+
+
+def distinct_glimpses(locations, cfg: ModelConfig):
+    """How many glimpses of each episode look somewhere new.
+
+    A glimpse counts when its centre (the pixel the sensor used) is at least g/2 pixels from
+    the centre of every earlier glimpse of the episode; the first always counts.
+
+    Args:
+        locations: (T, B, 2) the glimpses taken, in [-1, 1].
+    Returns:
+        (B,) long, between 1 and T.
+    """
+    centres = location_to_pixels(locations, cfg.image_size).float()  # (T, B, 2)
+    apart = (centres.unsqueeze(1) - centres.unsqueeze(0)).norm(dim=-1)  # (T, T, B): [t, s]
+    T = centres.shape[0]
+    earlier = torch.ones(T, T, dtype=torch.bool, device=centres.device).tril(-1)  # s < t
+    repeats = ((apart < cfg.patch_size / 2) & earlier.unsqueeze(-1)).any(1)  # (T, B)
+    return (~repeats).sum(0)
 
 
 def psnr(mse, peak=1.0):

@@ -94,7 +94,7 @@ class ModelConfig:
         return self.num_channels * self.image_size**2
 
 
-POLICIES = ("learned", "random", "centre")
+POLICIES = ("learned", "random", "centre", "grid")
 OBJECTIVES = ("unsupervised", "supervised")
 REWARDS = ("sum", "gain")  # how the unsupervised objective pays a glimpse: see compute_losses
 BASELINES = ("shared", "per_step")

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from model import LossWeights, RecurrentAttention, Rollout, compute_losses
+from model import LossWeights, RecurrentAttention, Rollout, compute_losses, distinct_glimpses
 from modules import (
     BaselineNetwork,
     Classifier,
@@ -15,6 +15,7 @@ from modules import (
     LocationNetwork,
     ModelConfig,
     Retina,
+    patch_corners,
 )
 
 B = 4
@@ -165,7 +166,8 @@ def fake_rollout(errors_per_image, T=3):
     log_pi = torch.zeros(T, B, requires_grad=True)
     return Rollout(locations=torch.zeros(T, B, 2), loc_means=torch.zeros(T, B, 2), log_pi=log_pi,
                    baselines=torch.zeros(T, B), log_probs=torch.zeros(B, 10).log_softmax(-1),
-                   errors=errors, blank_errors=torch.ones(B), decoded=None, recon=None)
+                   code=torch.zeros(B, 1), errors=errors, blank_errors=torch.ones(B),
+                   decoded=None, recon=None)
 
 
 def test_unsupervised_reward_favours_the_better_reconstruction():
@@ -250,3 +252,31 @@ def test_per_step_baseline_has_a_head_per_glimpse():
     assert (grad[1] != 0).any() and (grad[0] == 0).all() and (grad[2:] == 0).all()
     shared = RecurrentAttention(ModelConfig(**SMALL)).baseline
     assert torch.equal(shared(h, 0), shared(h, 2))
+
+
+def test_grid_policy_scans_a_raster_whose_patches_cover_the_image():
+    cfg = ModelConfig(**{**SMALL, "num_glimpses": 9}, policy="grid")
+    out = RecurrentAttention(cfg)(torch.rand(B, 3, 32, 32))
+    third = 2 / 3
+    expected = torch.tensor([[x, y] for y in (-third, 0, third) for x in (-third, 0, third)])
+    for b in range(B):
+        assert torch.allclose(out.locations[:, b], expected)
+    # The second patches (12 px) of the nine glimpses together see every pixel.
+    seen = torch.zeros(32, 32, dtype=torch.bool)
+    corners = patch_corners(out.locations[:, 0], 32, cfg.patch_sizes)  # (T, k, 2)
+    size = cfg.patch_sizes[1]
+    for x0, y0 in corners[:, 1].tolist():
+        seen[max(y0, 0):y0 + size, max(x0, 0):x0 + size] = True
+    assert seen.all()
+    assert (out.log_pi == 0).all()
+
+
+def test_distinct_glimpses_counts_centres_away_from_every_earlier_one():
+    cfg = ModelConfig(**SMALL)  # g = 6: a centre within 3 px of an earlier one repeats it
+    step = 2 / 32  # one pixel in location units
+    locations = torch.tensor([
+        [[0.0, 0.0], [0.0, 0.0]],
+        [[2 * step, 0.0], [0.5, 0.5]],  # image 0: 2 px away, a repeat; image 1: far
+        [[0.0, 4 * step], [0.5, 0.5 + 2 * step]],  # image 0: 4 px away; image 1: a repeat
+    ])
+    assert distinct_glimpses(locations, cfg).tolist() == [2, 2]
