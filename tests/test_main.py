@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 
 from conftest import run_main
@@ -45,6 +46,11 @@ def test_supervised_objective_and_fixed_policies_train(tiny_cifar, tmp_path):
         assert done.returncode == 0, done.stderr
         assert (tmp_path / "ckpt" / name / "best.pth").is_file()
     assert os.listdir(tmp_path / "logs" / "ram_3_6x6_2_centre")
+    # Each run glimpsed as its policy says: the plots' data hold where it looked.
+    where = {name: np.load(tmp_path / "plots" / name / "glimpses_epoch_1.npz")["locations"]
+             for name in ("ram_3_6x6_2_random", "ram_3_6x6_2_centre")}
+    assert (where["ram_3_6x6_2_centre"] == 0).all()
+    assert where["ram_3_6x6_2_random"].std() > 0.3
 
 
 @pytest.mark.parametrize("flags, expected", [
