@@ -94,7 +94,7 @@ def build_parser():
     core.add_argument("--std", type=_positive_float, default=0.05,
                       help="standard deviation of the Gaussian location policy (locations are "
                       "in [-1, 1])")
-    core.add_argument("--policy", choices=POLICIES, default="learned",
+    core.add_argument("--policy", choices=tuple(POLICIES), default="learned",
                       help="where glimpses go: learned (REINFORCE), random (uniform) or centre; "
                       "the last two are ablations")
     core.add_argument("--M", type=_positive_int, default=10,

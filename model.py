@@ -8,12 +8,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modules import (
+    POLICIES,
     BaselineNetwork,
     Classifier,
     CoreNetwork,
     Decoder,
     GlimpseNetwork,
-    LocationNetwork,
     ModelConfig,
     Retina,
 )
@@ -47,8 +47,9 @@ class Rollout:
 class RecurrentAttention(nn.Module):
     """RAM (Mnih et al., 2014) with a decoder that rebuilds the image from the glimpses.
 
-    For t = 1..T:  l_t ~ pi(. | h_{t-1}),  h_t = core(glimpse(retina(x, l_t), l_t), h_{t-1}),
-    x_hat_t = sum_{tau <= t} decoder(h_tau).  h_0 = 0, so the first location is learned too.
+    For t = 1..T:  l_t ~ pi(. | h_{t-1}, t),  h_t = core(glimpse(retina(x, l_t), l_t), h_{t-1}),
+    x_hat_t = sum_{tau <= t} decoder(h_tau).  h_0 = 0, so the learned policy places the first
+    glimpse too. pi is the `locator`, the module POLICIES names for cfg.policy.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -57,37 +58,22 @@ class RecurrentAttention(nn.Module):
         self.retina = Retina(cfg)
         self.glimpse = GlimpseNetwork(cfg)
         self.core = CoreNetwork(cfg)
-        self.locator = LocationNetwork(cfg)
+        self.locator = POLICIES[cfg.policy](cfg)
         self.baseline = BaselineNetwork(cfg)
         self.classifier = Classifier(cfg)
         self.decoder = Decoder(cfg)
         shape = (1, cfg.num_channels, 1, 1)
-        self.register_buffer("mean", torch.tensor(cfg.pixel_mean).view(shape), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.pixel_std).view(shape), persistent=False)
+        # The dataset's pixel statistics, (1, C, 1, 1); not cfg.std, the policy's spread.
+        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(shape),
+                             persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(shape),
+                             persistent=False)
 
     def normalize(self, x):
-        return (x - self.mean) / self.std
+        return (x - self.pixel_mean) / self.pixel_std
 
     def unnormalize(self, x):
-        return x * self.std + self.mean
-
-    def _choose_location(self, h, noise):
-        """Next location, its log-probability and the policy's mean, by the configured policy.
-
-        `noise` (B, 2), standard normal or None, replaces the policy's own random draw; the
-        random policy turns it into a uniform location through the normal CDF.
-        """
-        policy = self.cfg.policy
-        if policy == "learned":
-            return self.locator(h, noise)
-        if policy == "random":
-            if noise is None:
-                l = torch.rand(h.shape[0], 2, device=h.device, dtype=h.dtype) * 2 - 1
-            else:
-                l = (torch.special.ndtr(noise) * 2 - 1).to(h.dtype)
-        else:  # centre
-            l = h.new_zeros(h.shape[0], 2)
-        return l, h.new_zeros(h.shape[0]), l
+        return x * self.pixel_std + self.pixel_mean
 
     def forward(self, x, keep_patches=False, every_step=True, noise=None):
         """Roll out all glimpses over a batch.
@@ -109,7 +95,7 @@ class RecurrentAttention(nn.Module):
         h = x.new_zeros(x.shape[0], cfg.hidden_size)  # (B, hidden)
         states, locations, means, log_pis, baselines, patches = [], [], [], [], [], []
         for t in range(cfg.num_glimpses):
-            l, log_pi, mu = self._choose_location(h, None if noise is None else noise[t])
+            l, log_pi, mu = self.locator(h, t, None if noise is None else noise[t])
             baselines.append(self.baseline(h))  # value of the state the choice was made in
             phi = self.retina(prepared, l)  # (B, k, C, g, g)
             h = self.core(self.glimpse(phi, l), h)  # (B, hidden)

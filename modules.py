@@ -86,7 +86,6 @@ class ModelConfig:
         return self.num_channels * self.image_size**2
 
 
-POLICIES = ("learned", "random", "centre")
 OBJECTIVES = ("unsupervised", "supervised")
 
 
@@ -265,7 +264,7 @@ class CoreNetwork(nn.Module):
 
 
 class LocationNetwork(nn.Module):
-    """Gaussian policy over the next location, with a fixed standard deviation.
+    """The learned policy: Gaussian over the next location, with a fixed standard deviation.
 
     mu = tanh(W_2 relu(W_1 h_t)),   l ~ N(mu, std^2 I),   l_used = clamp(l, -1, 1)
 
@@ -274,8 +273,9 @@ class LocationNetwork(nn.Module):
     of the weights. The log-probability is that of the raw sample; the clamp is treated as part
     of the environment, which keeps the score-function estimate unbiased.
 
-    Args of forward:
-        h: (B, hidden_size) state.
+    Every policy in POLICIES is called alike. Args of forward:
+        h: (B, hidden_size) state the choice is made in.
+        t: index of the glimpse being placed, 0 for the first (unused here).
         noise: (B, 2) standard normal draws to use instead of fresh ones, or None.
     Returns:
         l: (B, 2) detached location in [-1, 1].
@@ -290,7 +290,7 @@ class LocationNetwork(nn.Module):
         self.fc = nn.Linear(cfg.hidden_size, width)
         self.fc_mu = nn.Linear(width, 2)
 
-    def forward(self, h, noise=None):
+    def forward(self, h, t, noise=None):
         mu = torch.tanh(self.fc_mu(F.relu(self.fc(h.detach()))))  # (B, 2)
         noise = torch.randn_like(mu) if noise is None else noise.to(mu.dtype)
         sample = (mu + self.std * noise).detach()  # (B, 2)
@@ -300,6 +300,43 @@ class LocationNetwork(nn.Module):
         log_pi = (-0.5 * ((sample - mu) / self.std) ** 2
                   - math.log(self.std) - 0.5 * math.log(2 * math.pi)).sum(-1)  # (B,)
         return sample.clamp(-1.0, 1.0), log_pi, mu.detach()
+
+
+class FixedPolicy(nn.Module):
+    """A policy that does not learn, for ablations: l_t = place(h, t, noise), log pi = 0, mu = l_t.
+
+    A subclass says where glimpse t goes by defining `place(h, t, noise)` -> (B, 2) in
+    [-1, 1]; it has no weights, so nothing to train and no gradient. Called like
+    LocationNetwork, it returns (l, zeros (B,), l).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, h, t, noise=None):
+        l = self.place(h, t, noise)  # (B, 2)
+        return l, h.new_zeros(h.shape[0]), l
+
+    def place(self, h, t, noise):
+        raise NotImplementedError
+
+
+class RandomPolicy(FixedPolicy):
+    """Every glimpse uniform over [-1, 1]^2: l = 2 Phi(noise) - 1 when standard normal noise is
+    given (Phi the normal CDF), a fresh uniform draw otherwise."""
+
+    def place(self, h, t, noise):
+        if noise is None:
+            return torch.rand(h.shape[0], 2, device=h.device, dtype=h.dtype) * 2 - 1
+        return (torch.special.ndtr(noise) * 2 - 1).to(h.dtype)
+
+
+class CentrePolicy(FixedPolicy):
+    """Every glimpse at the image's centre, l = (0, 0)."""
+
+    def place(self, h, t, noise):
+        return h.new_zeros(h.shape[0], 2)
 
 
 class BaselineNetwork(nn.Module):
@@ -387,3 +424,8 @@ class Decoder(nn.Module):
         """
         out = F.linear(h.sum(0), self.fc.weight, self.fc.bias * h.shape[0])  # (B, C*H*W)
         return out.view(1, h.shape[1], *self.shape)
+
+
+# --policy: the module that places the glimpses. A new fixed policy is a FixedPolicy subclass
+# with its `place`, and one entry here.
+POLICIES = {"learned": LocationNetwork, "random": RandomPolicy, "centre": CentrePolicy}

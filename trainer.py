@@ -229,6 +229,22 @@ def load_checkpoint(path):
     return ckpt
 
 
+def load_weights(model, weights, path):
+    """Put a checkpoint's weights into `model`; a mismatch is a UserError.
+
+    Checkpoints of the fixed policies written before those policies became weightless modules
+    carry an unused location network: its weights are passed over.
+    """
+    if not any(name.startswith("locator.") for name in model.state_dict()):
+        weights = {k: v for k, v in weights.items() if not k.startswith("locator.")}
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise UserError(f"{path} does not fit this model ({first}); use a checkpoint of this "
+                        "model") from None
+
+
 class Trainer:
     """Trains, validates, tests and checkpoints one model.
 
@@ -248,12 +264,11 @@ class Trainer:
         self.ckpt_folder = os.path.join(args.ckpt_dir, name)
         self.model = RecurrentAttention(cfg).to(device)
         # What the loops call; checkpoints always hold the plain module's weights, so they
-        # load alike with or without torchrun. The fixed policies leave the locator unused.
+        # load alike with or without torchrun.
         wrapped = self.model
         if procs.distributed:
             wrapped = DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=cfg.policy != "learned")
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.step_model = torch.compile(wrapped) if args.compile else wrapped
         # Evaluation needs no gradient exchange: each process runs its share on the module.
         self.eval_model = torch.compile(self.model) if args.compile else self.model
@@ -347,7 +362,7 @@ class Trainer:
         if differing:
             raise UserError(f"{path} was trained with another model configuration "
                             f"({'; '.join(differing)}); pass the same flags")
-        self.model.load_state_dict(ckpt["model"])
+        load_weights(self.model, ckpt["model"], path)
         self.epoch = ckpt["epoch"]
         if resume:
             self.optimizer.load_state_dict(ckpt["optimizer"])
