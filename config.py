@@ -196,7 +196,8 @@ def loss_weights(args):
 
 
 def model_name(cfg: ModelConfig):
-    """ram_<glimpses>_<g>x<g>_<scale>, with the objective and policy appended when not default."""
+    """ram_<glimpses>_<g>x<g>_<scale>, then _k<patches>, _<objective> and _<policy> for each of
+    those three that is not the default."""
     name = f"ram_{cfg.num_glimpses}_{cfg.patch_size}x{cfg.patch_size}_{cfg.glimpse_scale}"
     if cfg.num_patches != ModelConfig.num_patches:
         name += f"_k{cfg.num_patches}"

@@ -282,9 +282,10 @@ def make_loader(images, labels, batch_size, shuffle, num_workers=0, generator=No
     # Training standardises features over the batch, which a batch of one image cannot do:
     # drop a last batch only when it would hold a single image.
     drop_last = shuffle and len(dataset) % batch_size == 1
-    # The loader draws a seed for its workers at every pass; from `generator` (a private one
-    # when the order needs none), never from the global stream, so the glimpse policy's random
-    # numbers do not depend on how data is loaded or evaluated.
+    # The loader draws a seed for its workers from `generator` (a private one when the order
+    # needs none) when it starts a pass, or with workers kept alive, only at its first pass;
+    # never from the global stream, so the glimpse policy's random numbers do not depend on how
+    # data is loaded or evaluated.
     if generator is None:
         generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, sampler=BatchSampler(order, batch_size, drop_last=drop_last),

@@ -48,8 +48,9 @@ def train_epoch(model, loader, optimizer, objective, weights, device, epoch, pri
     the epoch early.
 
     `model` may be the compiled or DistributedDataParallel module; it is called, never saved,
-    here. The first `skip` batches are passed over (resuming inside an epoch). Sums stay on the
-    device and are read once per `print_freq` batches, so the step never waits for the device.
+    here. The first `skip` batches are passed over (resuming inside an epoch). The sums stay on
+    the device and are read once per `print_freq` batches; the finite-loss check below is the
+    step's one read of a device value.
     Under torchrun the processes agree after every step on whether to stop and on whether every
     loss is finite, so that they stop together instead of waiting on each other for ever.
     """
@@ -212,7 +213,8 @@ def load_checkpoint(path):
     """Read a checkpoint safely (weights_only: tensors and plain values, no code)."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, whole or not at all
+    # torch.save writes a zip archive, whose directory is at its end: a truncated file is no zip.
+    if not zipfile.is_zipfile(path):
         raise UserError(f"{path} is not a readable checkpoint (truncated, or another kind of "
                         "file); use another epoch or retrain")
     try:
