@@ -1,7 +1,10 @@
-"""Command-line flags. Names follow the RAM code the seed forked, so its commands keep working."""
+"""Command-line flags and the three configurations built from them once: ModelConfig,
+LossWeights and TrainConfig. Flag names follow the RAM code the seed forked, so its commands keep
+working."""
 
 import argparse
 import sys
+from dataclasses import dataclass, fields
 
 from model import LossWeights
 from modules import OBJECTIVES, POLICIES, ModelConfig
@@ -69,11 +72,7 @@ def _weight(text):
     return value
 
 
-def build_parser():
-    p = _Parser(prog="main.py", allow_abbrev=False,
-                description="Train or test the unsupervised recurrent attention model (RAM with "
-                "an autoencoder head) on CIFAR-10.")
-
+def _glimpse_flags(p):
     glimpse = p.add_argument_group("glimpse sensor and networks")
     glimpse.add_argument("--patch_size", type=_positive_int, default=6,
                          help="side g of the smallest (finest) patch of a glimpse, in pixels")
@@ -86,6 +85,8 @@ def build_parser():
     glimpse.add_argument("--loc_hidden", type=_positive_int, default=128,
                          help="width of the layer that reads the location ('where')")
 
+
+def _core_flags(p):
     core = p.add_argument_group("core and policy")
     core.add_argument("--num_glimpses", type=_positive_int, default=9,
                       help="glimpses per image (recurrent steps)")
@@ -101,6 +102,8 @@ def build_parser():
                       help="Monte Carlo samples of the glimpse path averaged at validation and "
                       "test")
 
+
+def _loss_flags(p):
     loss = p.add_argument_group("objective and loss weights")
     loss.add_argument("--objective", choices=OBJECTIVES, default="unsupervised",
                       help="unsupervised: reconstruction trains the model, labels reach only "
@@ -114,6 +117,8 @@ def build_parser():
         loss.add_argument(f"--{name}", type=_weight, default=default,
                           help=f"weight of the {what} in the loss")
 
+
+def _data_flags(p):
     data = p.add_argument_group("data")
     data.add_argument("--data_dir", default="./data",
                       help="where CIFAR-10 is looked for and cached")
@@ -126,6 +131,8 @@ def build_parser():
                       help="worker processes that assemble batches; the data is in memory, so 0 "
                       "is usually fastest")
 
+
+def _training_flags(p):
     train = p.add_argument_group("training")
     train.add_argument("--is_train", type=_bool, default=True,
                        help="true: train; false: test a checkpoint on the test split")
@@ -149,6 +156,8 @@ def build_parser():
     train.add_argument("--resume", type=_bool, default=False,
                        help="continue from the latest checkpoint of this model")
 
+
+def _output_flags(p):
     out = p.add_argument_group("checkpoints and logs")
     out.add_argument("--ckpt_dir", default="./ckpt",
                      help="checkpoints go to <ckpt_dir>/<model name>/")
@@ -170,7 +179,47 @@ def build_parser():
                      help="write glimpse data every Nth epoch")
     out.add_argument("--print_freq", type=_positive_int, default=10,
                      help="refresh the progress bar's loss figures every Nth batch")
+
+
+def build_parser():
+    p = _Parser(prog="main.py", allow_abbrev=False,
+                description="Train or test the unsupervised recurrent attention model (RAM with "
+                "an autoencoder head) on CIFAR-10.")
+    for add_group in (_glimpse_flags, _core_flags, _loss_flags, _data_flags, _training_flags,
+                      _output_flags):
+        add_group(p)
     return p
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every option of a run that is neither the model's nor the loss's: the data, the training,
+    evaluation and the outputs. One field per flag of the same name, with the same default."""
+
+    data_dir: str = "./data"
+    valid_size: float = 0.1
+    batch_size: int = 128
+    num_workers: int = 0
+    is_train: bool = True
+    epochs: int = 200
+    init_lr: float = 3e-4
+    lr_patience: int = 20
+    train_patience: int = 50
+    random_seed: int = 1
+    device: str = "auto"
+    amp: bool = False
+    compile: bool = False
+    resume: bool = False
+    M: int = 10
+    ckpt_dir: str = "./ckpt"
+    ckpt_freq: int = 1
+    best: bool = True
+    model_epoch: int | None = None
+    logs_dir: str = "./logs"
+    use_tensorboard: bool = False
+    plot_dir: str = "./plots"
+    plot_freq: int = 1
+    print_freq: int = 10
 
 
 def parse_args(argv=None):
@@ -187,6 +236,11 @@ def model_config(args, **overrides):
         return ModelConfig(**{**fields, **overrides})
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def train_config(args):
+    """The TrainConfig the flags describe."""
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
 
 
 def loss_weights(args):

@@ -5,7 +5,16 @@ import os
 import numpy as np
 import pytest
 
+from config import (
+    TrainConfig,
+    loss_weights,
+    model_config,
+    parse_args,
+    train_config,
+)
 from conftest import run_main
+from model import LossWeights
+from modules import ModelConfig
 
 FAST = ["--batch_size=32", "--M=2", "--num_glimpses=3", "--hidden_size=32",
         "--glimpse_hidden=16", "--loc_hidden=16"]
@@ -82,3 +91,10 @@ def test_booleans_accept_any_case(tmp_path):
     assert parse_args(["--is_train=FALSE"]).is_train is False
     assert parse_args(["--is_train=True"]).is_train is True
     assert parse_args(["--use_tensorboard=true"]).use_tensorboard is True
+
+
+def test_each_config_has_the_flags_defaults():
+    args = parse_args([])
+    assert model_config(args) == ModelConfig()
+    assert loss_weights(args) == LossWeights()
+    assert train_config(args) == TrainConfig()

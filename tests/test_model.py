@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 
+from checkpoints import load_weights
 from config import parse_args
 from model import LossWeights, RecurrentAttention, Rollout, compute_losses
 from modules import (
@@ -21,7 +22,6 @@ from modules import (
     ModelConfig,
     Retina,
 )
-from trainer import load_weights
 from utils import UserError
 
 B = 4

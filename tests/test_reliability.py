@@ -13,8 +13,8 @@ import torch
 
 import data_loader
 import main
+from checkpoints import load_checkpoint
 from conftest import ROOT, run_main, write_tiny_cifar
-from trainer import load_checkpoint
 from utils import UserError, atomic_write
 
 TINY = ["--batch_size=20", "--M=1", "--num_glimpses=3", "--hidden_size=32",
@@ -39,18 +39,19 @@ def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_two_epochs_equal_one_plus_resume_one(tiny_cifar, tmp_path, capsys):
+@pytest.mark.parametrize("workers", ["--num_workers=0", "--num_workers=1"])
+def test_two_epochs_equal_one_plus_resume_one(tiny_cifar, tmp_path, capsys, workers):
     data_dir, _ = tiny_cifar
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert main.main(flags(data_dir, straight, "--epochs=2")) == 0
-    assert main.main(flags(data_dir, split, "--epochs=1")) == 0
+    assert main.main(flags(data_dir, straight, "--epochs=2", workers)) == 0
+    assert main.main(flags(data_dir, split, "--epochs=1", workers)) == 0
     capsys.readouterr()
-    assert main.main(flags(data_dir, split, "--epochs=2", "--resume=True")) == 0
+    assert main.main(flags(data_dir, split, "--epochs=2", "--resume=True", workers)) == 0
     out = capsys.readouterr().out
     assert "epoch 2/2" in out and "epoch 1/2" not in out  # it resumed, it did not start over
     assert same_weights(weights(straight), weights(split))
     resumed = load_checkpoint(str(split / "ckpt" / NAME / "latest.pth"))
-    assert resumed["epoch"] == 2 and resumed["step_in_epoch"] == 0
+    assert resumed["epoch"] == 2 and resumed["loader"]["images_seen"] == 0
 
 
 def test_same_seed_same_losses_and_weights(tiny_cifar, tmp_path, capsys):
@@ -103,13 +104,14 @@ def test_signal_checkpoints_mid_epoch_and_resume_matches_straight_run(long_epoch
     assert proc.returncode == 128 + signum, err
     assert "--resume=True" in err and "Traceback" not in err
     ckpt = load_checkpoint(str(stopped / "ckpt" / NAME / "latest.pth"))
-    assert ckpt["epoch"] == 0 and 0 < ckpt["step_in_epoch"] < 450
+    seen = ckpt["loader"]["images_seen"]
+    assert ckpt["epoch"] == 0 and 0 < seen < 900 and f"{seen} images in" in err
     assert not (stopped / "ckpt" / NAME / "epoch_1.pth").exists()
 
     resumed = run_main(*flags(data_dir, stopped, "--batch_size=2", "--epochs=1",
                               "--resume=True"))
     assert resumed.returncode == 0, resumed.stderr
-    assert f"step {ckpt['step_in_epoch']} of epoch 1" in resumed.stdout
+    assert f"{seen} images into epoch 1" in resumed.stdout
     assert run_main(*flags(data_dir, straight, "--batch_size=2", "--epochs=1")).returncode == 0
     assert same_weights(weights(stopped), weights(straight))
 
@@ -177,6 +179,12 @@ def test_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
     with pytest.raises(OSError):
         atomic_write(str(path), crash)
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["latest.pth"]
+
+
+def stop_after(monkeypatch, steps):
+    """Make the next in-process main.main stop, as on Ctrl-C, after `steps` training steps."""
+    asked = iter(range(10**6))
+    monkeypatch.setattr(main.StopOnSignal, "requested", lambda self: next(asked) >= steps)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cifar, tmp_path):
@@ -256,3 +264,21 @@ def test_checkpoint_loading_refuses_code(tmp_path):
     torch.save({"model": {}, "model_config": {}, "epoch": 1, "x": Payload()}, path)
     with pytest.raises(UserError, match="not a readable checkpoint"):
         load_checkpoint(str(path))
+
+
+def test_a_stopped_epoch_resumes_with_another_batch_size(tiny_cifar, tmp_path, monkeypatch,
+                                                         capsys):
+    data_dir, _ = tiny_cifar
+    stop_after(monkeypatch, 2)
+    assert main.main(flags(data_dir, tmp_path, "--epochs=1")) == 128 + signal.SIGINT
+    latest = str(tmp_path / "ckpt" / NAME / "latest.pth")
+    assert load_checkpoint(latest)["loader"]["images_seen"] == 60  # 3 steps of 20
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main.main(flags(data_dir, tmp_path, "--epochs=1", "--resume=True",
+                           "--batch_size=30")) == 0
+    out = capsys.readouterr().out
+    assert "60 images into epoch 1" in out and "epoch 1/1" in out
+    ckpt = load_checkpoint(latest)
+    assert ckpt["epoch"] == 1 and ckpt["loader"] == {"epoch": 1, "images_seen": 0,
+                                                     "num_images": 180, "seed": 1}
