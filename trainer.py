@@ -4,7 +4,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,20 @@ from utils import (
 
 NOISE_STRIDE = 1_000_003  # a prime above any split size: (seed, image) pairs never collide
 LOSS_TERMS = ("recon", "classify", "reinforce", "baseline", "total")  # compute_losses' keys
+
+# How a resumed run treats a flag that differs from its checkpoint's run: a refused change is
+# an error (why, below); any other is applied from now on, with a note (what it does, below).
+REFUSED_ON_RESUME = {
+    "random_seed": "it fixes the run's data order and evaluation noise",
+    "valid_size": "it would change the validation images and move some into training",
+}
+APPLIED_ON_RESUME = {
+    "init_lr": "the learning rate restarts at it",
+    "lr_patience": "the epochs without improvement counted so far still count",
+    "batch_size": "the epoch in progress goes on from its first image not yet trained on",
+}
+NOT_COMPARED = ("resume", "is_train", "best", "model_epoch")  # choose what to do, not how
+
 
 class NonFiniteLossError(Exception):
     """The loss or the weights became NaN or infinite; the last good checkpoint is kept."""
@@ -144,6 +158,15 @@ def evaluate(model, loader, train_cfg: TrainConfig, device, procs=SINGLE_PROCESS
     return {"acc": 100.0 * correct / seen, "mse": mse, "psnr": psnr(mse),
             "loc_spread": aim_std.mean().item(), "loc_mean": aim_mean.tolist(),
             "loc_std": aim_std.tolist()}
+
+
+def resume_changes(ckpt, train_cfg: TrainConfig, weights: LossWeights):
+    """(flag, the run's value, the new value) for every flag that differs from the run's."""
+    changes = [(f.name, ckpt["train_config"].get(f.name), getattr(train_cfg, f.name))
+               for f in fields(train_cfg) if f.name not in NOT_COMPARED]
+    changes += [(name, ckpt["loss_weights"].get(name), value)
+                for name, value in asdict(weights).items()]
+    return [(name, old, new) for name, old, new in changes if old != new]
 
 
 class Trainer:
@@ -267,19 +290,44 @@ class Trainer:
         return ckpt
 
     def resume(self, path, train_loader):
-        """Load the whole training state from `path`, the train loader's position included;
-        returns that position."""
+        """Load the whole training state from `path`, the train loader's position included.
+        Flags that differ from the run's are refused or applied, one line each (see
+        REFUSED_ON_RESUME); returns the loader's position."""
         ckpt = self.load(path)
         if not {"train_config", "loader"} <= ckpt.keys():
             raise UserError(f"{path} was written by an older version of this project: it can be "
                             "tested (--is_train=false) but not resumed; start a new run")
+        changes = resume_changes(ckpt, self.train_cfg, self.weights)
+        self._refuse(path, changes)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        self._apply(changes)
         self.best_valid_acc = ckpt["best_valid_acc"]
         self.epochs_since_best = ckpt["epochs_since_best"]
         train_loader.load_state_dict(ckpt["loader"])
         self._restore_rng(path, ckpt["rng"])
         return ckpt["loader"]
+
+    def _refuse(self, path, changes):
+        for name, old, new in changes:
+            if name in REFUSED_ON_RESUME:
+                raise UserError(f"--{name}={new} differs from the {old} of the run in {path}, "
+                                f"and {REFUSED_ON_RESUME[name]}; pass --{name}={old} to resume, "
+                                "or start a new run")
+        if self.epoch >= self.train_cfg.epochs:
+            raise UserError(f"{path} has trained {self.epoch} epochs already and --epochs="
+                            f"{self.train_cfg.epochs}; pass a larger --epochs to train on")
+
+    def _apply(self, changes):
+        """Make the optimizer and scheduler follow the new flags; say what changed."""
+        for name, old, new in changes:
+            if name == "init_lr":
+                for group in self.optimizer.param_groups:
+                    group["lr"] = new
+            elif name == "lr_patience":
+                self.scheduler.patience = new
+            print_main(self.procs, f"note: --{name}={new} (the run had {old}) is applied; "
+                       + APPLIED_ON_RESUME.get(name, "it holds from now on"))
 
     def _restore_rng(self, path, states):
         if len(states) == self.procs.world_size:

@@ -266,6 +266,45 @@ def test_checkpoint_loading_refuses_code(tmp_path):
         load_checkpoint(str(path))
 
 
+def test_a_resume_applies_changed_flags_and_says_so_one_line_each(tiny_cifar, tmp_path, capsys):
+    data_dir, _ = tiny_cifar
+    assert main.main(flags(data_dir, tmp_path, "--epochs=1")) == 0
+    capsys.readouterr()
+    assert main.main(flags(data_dir, tmp_path, "--epochs=2", "--resume=True", "--init_lr=1e-3",
+                           "--lr_patience=7", "--recon_weight=2")) == 0
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if line.startswith("note: ")]
+    assert [note.split()[1] for note in notes] == [
+        "--epochs=2", "--init_lr=0.001", "--lr_patience=7", "--recon_weight=2.0"]
+    assert "(the run had 0.0003) is applied; the learning rate restarts at it" in notes[1]
+    assert "| lr 1.0e-03" in out
+    ckpt = load_checkpoint(str(tmp_path / "ckpt" / NAME / "latest.pth"))
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == 1e-3
+    assert ckpt["scheduler"]["patience"] == 7 and ckpt["loss_weights"]["recon_weight"] == 2.0
+
+
+def test_a_resume_refuses_changes_that_would_spoil_the_run(tiny_cifar, tmp_path, capsys):
+    data_dir, _ = tiny_cifar
+    assert main.main(flags(data_dir, tmp_path, "--epochs=1")) == 0
+    folder = tmp_path / "ckpt" / NAME
+    before = {p.name: digest(p) for p in folder.glob("*.pth")}
+    capsys.readouterr()
+    for extra, expected in ((["--random_seed=2"], "pass --random_seed=1 to resume"),
+                            (["--valid_size=0.2"], "pass --valid_size=0.1 to resume"),
+                            (["--epochs=1"], "has trained 1 epochs already and --epochs=1")):
+        assert main.main(flags(data_dir, tmp_path, "--epochs=2", "--resume=True", *extra)) == 2
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, err
+    ckpt = load_checkpoint(str(folder / "latest.pth"))
+    del ckpt["train_config"]  # as written before this version
+    (folder / "latest.pth").unlink()  # not in place: best.pth and epoch_1.pth are its links
+    torch.save(ckpt, folder / "latest.pth")
+    assert main.main(flags(data_dir, tmp_path, "--epochs=2", "--resume=True")) == 2
+    assert "older version of this project" in capsys.readouterr().err
+    assert {p.name: digest(p) for p in folder.glob("*.pth") if p.name != "latest.pth"} == {
+        name: value for name, value in before.items() if name != "latest.pth"}
+
+
 def test_a_stopped_epoch_resumes_with_another_batch_size(tiny_cifar, tmp_path, monkeypatch,
                                                          capsys):
     data_dir, _ = tiny_cifar
@@ -278,6 +317,7 @@ def test_a_stopped_epoch_resumes_with_another_batch_size(tiny_cifar, tmp_path, m
     assert main.main(flags(data_dir, tmp_path, "--epochs=1", "--resume=True",
                            "--batch_size=30")) == 0
     out = capsys.readouterr().out
+    assert "note: --batch_size=30 (the run had 20) is applied" in out
     assert "60 images into epoch 1" in out and "epoch 1/1" in out
     ckpt = load_checkpoint(latest)
     assert ckpt["epoch"] == 1 and ckpt["loader"] == {"epoch": 1, "images_seen": 0,
