@@ -50,7 +50,7 @@ def epochs_on_disk(folder):
 def link_or_copy(src, dst):
     """Make `dst` hold the same bytes as `src`, atomically: a hard link where the file system
     allows one (free and instant), a copy otherwise."""
-    tmp = f"{dst}.link.tmp"
+    tmp = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.link.tmp")
     if os.path.lexists(tmp):
         os.remove(tmp)
     try:

@@ -22,6 +22,7 @@ from utils import (
     check_writable,
     init_distributed,
     pick_device,
+    run_lock,
     seed_everything,
 )
 
@@ -99,28 +100,30 @@ def train(trainer, stop):
     cfg, procs = trainer.train_cfg, trainer.procs
     check_writable(cfg.ckpt_dir, "--ckpt_dir")
     check_writable(cfg.plot_dir, "--plot_dir")
-    path = trainer.checkpoint_path(best=False) if cfg.resume else None
-    fetch_once(cfg.data_dir, procs)
-    train_loader, valid_loader = cifar10_loaders(cfg.data_dir, cfg.valid_size,
-                                                 batching(trainer))
-    if path is not None:
-        position = trainer.resume(path, train_loader)
-        within = f", {position['images_seen']} images into epoch {trainer.epoch + 1}" \
-            if position["images_seen"] else ""
-        print_main(procs, f"resuming {trainer.name} from {path} after epoch {trainer.epoch}"
-                   f"{within}")
-    processes = f" x {procs.world_size} processes" if procs.distributed else ""
-    print_main(procs, f"training {trainer.name} on {trainer.device}{processes}: "
-               f"{len(train_loader.dataset)} train and {len(valid_loader.dataset)} "
-               f"validation images, batch {cfg.batch_size}{processes}, {cfg.epochs} epochs "
-               "at most")
-    writer = open_writer(trainer)
-    try:
-        trainer.fit(train_loader, valid_loader, writer, plot_hook(trainer, valid_loader),
-                    stop.requested)
-    finally:
-        if writer is not None:
-            writer.close()
+    with run_lock(trainer.ckpt_folder, procs):
+        trainer.claim_folder()
+        path = trainer.checkpoint_path(best=False) if cfg.resume else None
+        fetch_once(cfg.data_dir, procs)
+        train_loader, valid_loader = cifar10_loaders(cfg.data_dir, cfg.valid_size,
+                                                     batching(trainer))
+        if path is not None:
+            position = trainer.resume(path, train_loader)
+            within = f", {position['images_seen']} images into epoch {trainer.epoch + 1}" \
+                if position["images_seen"] else ""
+            print_main(procs, f"resuming {trainer.name} from {path} after epoch {trainer.epoch}"
+                       f"{within}")
+        processes = f" x {procs.world_size} processes" if procs.distributed else ""
+        print_main(procs, f"training {trainer.name} on {trainer.device}{processes}: "
+                   f"{len(train_loader.dataset)} train and {len(valid_loader.dataset)} "
+                   f"validation images, batch {cfg.batch_size}{processes}, {cfg.epochs} epochs "
+                   "at most")
+        writer = open_writer(trainer)
+        try:
+            trainer.fit(train_loader, valid_loader, writer, plot_hook(trainer, valid_loader),
+                        stop.requested)
+        finally:
+            if writer is not None:
+                writer.close()
     print_main(procs, f"best validation accuracy {trainer.best_valid_acc:.2f}%; checkpoints in "
                f"{trainer.ckpt_folder}")
 

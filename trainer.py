@@ -30,6 +30,7 @@ from utils import (
     all_reduce,
     atomic_write,
     autocast,
+    remove_temporaries,
     seed_everything,
 )
 
@@ -260,6 +261,17 @@ class Trainer:
                            "train_config": asdict(self.train_cfg)}, indent=2, sort_keys=True)
         path = os.path.join(self.ckpt_folder, "config.json")
         atomic_write(path, lambda f: f.write(text.encode()))
+
+    def claim_folder(self):
+        """Before training, holding the folder's RunLock: a new run refuses to overwrite the
+        checkpoints of another, and what writes killed mid-way left behind is removed."""
+        if not self.train_cfg.resume and os.path.exists(
+                os.path.join(self.ckpt_folder, "latest" + CKPT_SUFFIX)):
+            raise UserError(f"{self.ckpt_folder} already holds a run's checkpoints; continue "
+                            "it with --resume=True, or start a new run elsewhere (another "
+                            "--ckpt_dir, or remove that folder first)")
+        if self.procs.is_main:
+            remove_temporaries(self.ckpt_folder)
 
     def checkpoint_path(self, model_epoch=None, best=True):
         if model_epoch is not None:

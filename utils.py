@@ -1,7 +1,10 @@
 """Small helpers shared by the entry point, the trainer and the data loader."""
 
+import contextlib
+import fcntl
 import os
 import random
+import socket
 import tempfile
 from dataclasses import dataclass
 
@@ -101,8 +104,9 @@ def autocast(device, enabled):
 def atomic_write(path, write):
     """Write a file so that a crash at any moment leaves either the old file or the new one.
 
-    `write(f)` fills a temporary file in the same folder; it is flushed, fsynced and renamed
-    over `path`, and the folder is fsynced so the rename itself survives a power cut.
+    `write(f)` fills a temporary file `.<name>.*.tmp` in the same folder; it is flushed, fsynced
+    and renamed over `path`, and the folder is fsynced so the rename itself survives a power
+    cut. A process killed outright leaves the temporary, which `remove_temporaries` deletes.
     """
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -124,6 +128,75 @@ def atomic_write(path, write):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_temporaries(folder):
+    """Delete what atomic writes that were killed mid-way left in `folder` (`.<name>.*.tmp`).
+    Only safe while no other process writes there: call it holding the folder's RunLock."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name.startswith(".") and name.endswith(".tmp"):
+            os.remove(os.path.join(folder, name))
+
+
+class RunLock:
+    """An exclusive claim on a run folder, so that two runs never write the same checkpoints.
+
+    The file `run.lock` in the folder names the holder (PID and host). The lock itself is
+    flock(2) on an open descriptor: the kernel drops it when the process ends in any way,
+    kill -9 included, so a crash never leaves a stale lock. (flock may not lock across machines
+    on some network file systems.)
+    """
+
+    NAME = "run.lock"
+
+    def __init__(self, folder):
+        self.folder, self.fd = folder, None
+
+    def acquire(self):
+        os.makedirs(self.folder, exist_ok=True)
+        fd = os.open(os.path.join(self.folder, self.NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "a process"
+            os.close(fd)
+            raise UserError(f"{self.folder} is in use by another run ({holder}); wait for it to "
+                            "end, or pass another --ckpt_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self.fd = fd
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def on_main(procs, action, errors, elsewhere):
+    """Run `action()` on rank 0 alone. If it raises one of `errors`, every process raises, so
+    that all stop together: rank 0 its error, the others `errors(elsewhere)`."""
+    error = None
+    if procs.is_main:
+        try:
+            action()
+        except errors as e:
+            error = e
+    failed = torch.tensor([float(error is not None)], dtype=torch.float64)
+    if all_reduce(failed, procs, dist.ReduceOp.MAX).item():
+        raise error or errors(elsewhere)
+
+
+@contextlib.contextmanager
+def run_lock(folder, procs):
+    """Hold `folder`'s RunLock for the block; under torchrun rank 0 holds it for all."""
+    lock = RunLock(folder)
+    on_main(procs, lock.acquire, UserError, f"rank 0 could not lock {folder}")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def check_writable(folder, flag):

@@ -15,7 +15,7 @@ import data_loader
 import main
 from checkpoints import load_checkpoint
 from conftest import ROOT, run_main, write_tiny_cifar
-from utils import UserError, atomic_write
+from utils import RunLock, UserError, atomic_write, remove_temporaries
 
 TINY = ["--batch_size=20", "--M=1", "--num_glimpses=3", "--hidden_size=32",
         "--glimpse_hidden=16", "--loc_hidden=16"]
@@ -118,14 +118,14 @@ def test_signal_checkpoints_mid_epoch_and_resume_matches_straight_run(long_epoch
 
 def test_second_sigint_exits_at_once_without_touching_files(long_epoch_cifar, tmp_path):
     data_dir = long_epoch_cifar
-    assert main.main(flags(data_dir, tmp_path, "--epochs=1")) == 0
+    big = ["--valid_size=0.9", "--batch_size=100", "--hidden_size=512"]
+    assert main.main(flags(data_dir, tmp_path, "--epochs=1", *big)) == 0
     folder = tmp_path / "ckpt" / NAME
     before = {p.name: digest(p) for p in folder.glob("*.pth")}
     # One short training step, then a validation of several seconds: a first Ctrl-C only takes
     # effect after validation, so the second one surely comes before any file is written.
     cmd = [sys.executable, os.path.join(ROOT, "main.py"),
-           *flags(data_dir, tmp_path, "--epochs=1", "--valid_size=0.9", "--batch_size=100",
-                  "--M=50", "--hidden_size=512")]
+           *flags(data_dir, tmp_path, "--epochs=2", *big, "--M=50", "--resume=True")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     for line in proc.stdout:
@@ -141,31 +141,46 @@ def test_second_sigint_exits_at_once_without_touching_files(long_epoch_cifar, tm
     assert {p.name: digest(p) for p in folder.glob("*.pth")} == before
 
 
-KILLER = """
-import sys, torch
-sys.path.insert(0, {root!r})
-from utils import atomic_write
-big = {{"model": {{"w": torch.randn(2_000_000)}}}}
-i = 0
-while True:
-    i += 1
-    big["epoch"] = i
-    atomic_write({path!r}, lambda f: torch.save(big, f))
-    print(i, flush=True)
-"""
+def killed(point, path, new):
+    """In a forked child, atomic_write `new` over `path` and die by SIGKILL at `point`:
+    ("byte", k) once k bytes are written, or ("after", name) right after os.<name> returns."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        kind, where = point
+        if kind == "after":
+            real = getattr(os, where)
+
+            def then_die(*args):
+                real(*args)
+                os.kill(os.getpid(), signal.SIGKILL)
+            setattr(os, where, then_die)
+
+        def write(f):
+            if kind == "byte":
+                f.write(new[:where])
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            f.write(new)
+        atomic_write(str(path), write)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
 
 
-def test_kill_9_during_checkpoint_writes_leaves_a_whole_checkpoint(tmp_path):
+def test_kill_9_at_any_point_of_a_write_leaves_a_whole_file(tmp_path):
     path = tmp_path / "latest.pth"
-    for delay in (0.3, 0.55, 0.8):
-        proc = subprocess.Popen([sys.executable, "-c", KILLER.format(root=ROOT, path=str(path))],
-                                stdout=subprocess.PIPE, text=True)
-        proc.stdout.readline()  # one whole write has landed
-        time.sleep(delay)
-        proc.kill()
-        proc.wait()
-        ckpt = torch.load(path, weights_only=True)
-        assert ckpt["model"]["w"].shape == (2_000_000,) and ckpt["epoch"] >= 1
+    old, new = b"old" * 1000, b"new" * 2000
+    atomic_write(str(path), lambda f: f.write(old))
+    points = [("byte", 0), ("byte", 1), ("byte", len(new) // 2), ("byte", len(new) - 1),
+              ("after", "fsync"), ("after", "replace")]
+    for point in points:
+        assert killed(point, path, new), point
+        assert path.read_bytes() in (old, new), point
+    assert path.read_bytes() == new  # the last kill came after the rename
+    left = [name for name in os.listdir(tmp_path) if name != "latest.pth"]
+    assert left and all(name.startswith(".latest.pth.") for name in left)
+    remove_temporaries(str(tmp_path))
+    assert os.listdir(tmp_path) == ["latest.pth"]
 
 
 def test_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
@@ -187,13 +202,15 @@ def stop_after(monkeypatch, steps):
     monkeypatch.setattr(main.StopOnSignal, "requested", lambda self: next(asked) >= steps)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cifar, tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cifar, tmp_path,
+                                                                    monkeypatch):
     data_dir, _ = tiny_cifar
-    assert main.main(flags(data_dir, tmp_path, "--epochs=1")) == 0
+    stop_after(monkeypatch, 3)
+    assert main.main(flags(data_dir, tmp_path, "--epochs=1")) == 128 + signal.SIGINT
     folder = tmp_path / "ckpt" / NAME
     checkpoints = sorted(folder.glob("*.pth"))
     before = [digest(p) for p in checkpoints]
-    done = run_main(*flags(data_dir, tmp_path, "--epochs=1", "--init_lr=1e30"))
+    done = run_main(*flags(data_dir, tmp_path, "--epochs=1", "--init_lr=1e30", "--resume=True"))
     assert done.returncode == 1
     assert "epoch 1, step" in done.stderr and "last good checkpoint" in done.stderr
     assert "Traceback" not in done.stderr
@@ -264,6 +281,46 @@ def test_checkpoint_loading_refuses_code(tmp_path):
     torch.save({"model": {}, "model_config": {}, "epoch": 1, "x": Payload()}, path)
     with pytest.raises(UserError, match="not a readable checkpoint"):
         load_checkpoint(str(path))
+
+
+def test_a_second_run_on_the_same_folder_is_refused_naming_the_first(tiny_cifar, tmp_path):
+    data_dir, _ = tiny_cifar
+    folder = tmp_path / "ckpt" / NAME
+    lock = RunLock(str(folder))
+    lock.acquire()  # this test's process is "the first run"
+    try:
+        done = run_main(*flags(data_dir, tmp_path, "--epochs=1"))
+    finally:
+        lock.release()
+    one_line_error(done, f"in use by another run (pid {os.getpid()} on ")
+    assert not (folder / "latest.pth").exists()
+
+
+def test_a_run_killed_with_9_frees_its_folder(tmp_path):
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child takes the lock, says so, and waits to be killed
+        RunLock(str(tmp_path)).acquire()
+        os.write(ready_w, b"x")
+        time.sleep(60)
+        os._exit(0)
+    os.read(ready_r, 1)
+    with pytest.raises(UserError, match=f"pid {pid} on "):
+        RunLock(str(tmp_path)).acquire()
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    lock = RunLock(str(tmp_path))
+    lock.acquire()  # the kernel dropped the dead process's lock
+    lock.release()
+
+
+def test_a_new_run_does_not_overwrite_an_existing_one(tiny_cifar, tmp_path):
+    data_dir, _ = tiny_cifar
+    assert main.main(flags(data_dir, tmp_path, "--epochs=1")) == 0
+    folder = tmp_path / "ckpt" / NAME
+    before = {p.name: digest(p) for p in folder.glob("*.pth")}
+    one_line_error(run_main(*flags(data_dir, tmp_path, "--epochs=1")), "--resume=True")
+    assert {p.name: digest(p) for p in folder.glob("*.pth")} == before
 
 
 def test_a_resume_applies_changed_flags_and_says_so_one_line_each(tiny_cifar, tmp_path, capsys):
