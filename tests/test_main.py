@@ -1,6 +1,7 @@
 """main.py end to end, as a user runs it, on a tiny CIFAR-10 written in the official layout."""
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from config import (
 from conftest import run_main
 from model import LossWeights
 from modules import ModelConfig
+from utils import SINGLE_PROCESS, Procs, progress
 
 FAST = ["--batch_size=32", "--M=2", "--num_glimpses=3", "--hidden_size=32",
         "--glimpse_hidden=16", "--loc_hidden=16"]
@@ -35,6 +37,9 @@ def test_train_one_epoch_then_test_that_epoch(tiny_cifar, tmp_path):
     for name in ("epoch_1.pth", "best.pth", "latest.pth", "config.json"):
         assert (folder / name).is_file(), name
     assert (tmp_path / "plots" / "ram_3_6x6_2" / "glimpses_epoch_1.npz").is_file()
+
+    # No progress bar in a log: stderr is a pipe here, not a terminal.
+    assert "batch/s" not in trained.stderr and "epoch 1:" not in trained.stderr
 
     tested = run_main("--is_train=False", "--model_epoch=1", *common)
     assert tested.returncode == 0, tested.stderr
@@ -91,6 +96,14 @@ def test_booleans_accept_any_case(tmp_path):
     assert parse_args(["--is_train=FALSE"]).is_train is False
     assert parse_args(["--is_train=True"]).is_train is True
     assert parse_args(["--use_tensorboard=true"]).use_tensorboard is True
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert not progress([], SINGLE_PROCESS).disable
+    assert progress([], Procs(1, 2, 1)).disable  # rank 0 alone draws
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert progress([], SINGLE_PROCESS).disable
 
 
 def test_each_config_has_the_flags_defaults():
