@@ -1,6 +1,7 @@
 """Checkpoint files: reading them safely, linking them, listing them, and the random streams
 they carry. What goes into a checkpoint, and when, is the trainer's business."""
 
+import io
 import os
 import pickle
 import random
@@ -45,6 +46,15 @@ def epochs_on_disk(folder):
         if stem.startswith("epoch_") and stem[6:].isdigit():
             found.append(int(stem[6:]))
     return sorted(found)
+
+
+def to_bytes(state):
+    """A checkpoint serialised in memory. Written to the file in one piece from there, a full
+    disk surfaces as the OSError it is: torch.save's own zip writer, when a write to the file
+    fails, fails again on its way out and raises a RuntimeError instead."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
 
 
 def link_or_copy(src, dst):

@@ -232,8 +232,7 @@ def load_cifar10(data_dir):
     try:
         _save_cache(cache, arrays)
     except OSError as e:
-        raise UserError(f"cannot write {cache}: {e.strerror}; pass a writable --data_dir") \
-            from None
+        raise UserError(f"{e}; pass a writable --data_dir") from None
     return arrays
 
 

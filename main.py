@@ -19,6 +19,7 @@ from trainer import NonFiniteLossError, Trainer, TrainingInterrupted, print_main
 from utils import (
     Procs,
     UserError,
+    WriteError,
     check_writable,
     init_distributed,
     pick_device,
@@ -75,7 +76,7 @@ def batching(trainer):
 
 def plot_hook(trainer, valid_loader):
     """What training calls after each epoch: the glimpse data of the first validation images,
-    every --plot_freq epochs."""
+    every --plot_freq epochs. A failed write (a full disk) is a warning; training goes on."""
     cfg = trainer.train_cfg
     folder = os.path.join(cfg.plot_dir, trainer.name)
     shown = range(min(PLOT_IMAGES, len(valid_loader.dataset)))
@@ -83,7 +84,11 @@ def plot_hook(trainer, valid_loader):
 
     def write_plot_data(trainer):
         if trainer.epoch % cfg.plot_freq == 0:
-            write_glimpse_data(trainer.model, images, trainer.epoch, folder)
+            try:
+                write_glimpse_data(trainer.model, images, trainer.epoch, folder)
+            except OSError as e:
+                print(f"main.py: warning: no glimpse data for epoch {trainer.epoch}: {e}; "
+                      "training goes on", file=sys.stderr, flush=True)
     return write_plot_data
 
 
@@ -181,6 +186,9 @@ def run(args, stop):
                     "flags and --resume=True", 128 + (stop.signum or signal.SIGINT))
     except NonFiniteLossError as e:
         return fail(procs, f"error: {e}; the last good checkpoint is kept", 1)
+    except WriteError as e:
+        return fail(procs, f"error: {e}; the checkpoints written before are kept: free some "
+                    "space, then continue with --resume=True", 1)
     except KeyboardInterrupt:
         return fail(procs, "interrupted", 130)
     finally:

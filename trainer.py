@@ -18,6 +18,7 @@ from checkpoints import (
     load_weights,
     rng_state,
     set_rng_state,
+    to_bytes,
 )
 from config import TrainConfig, model_name
 from data_loader import to_float
@@ -26,9 +27,11 @@ from modules import ModelConfig
 from utils import (
     SINGLE_PROCESS,
     UserError,
+    WriteError,
     all_reduce,
     atomic_write,
     autocast,
+    on_main,
     progress,
     remove_temporaries,
     seed_everything,
@@ -231,36 +234,45 @@ class Trainer:
             "rng": rng,
         }
 
+    def _write_on_main(self, write):
+        """Rank 0 alone writes, into the run folder; if it fails, every process raises
+        WriteError."""
+        def in_folder():
+            os.makedirs(self.ckpt_folder, exist_ok=True)
+            write()
+        on_main(self.procs, in_folder, WriteError, f"rank 0 could not write to {self.ckpt_folder}")
+
     def save(self, is_best, loader_state):
         """Write latest.pth atomically, then point epoch_N.pth (every --ckpt_freq, whole epochs
         only) and best.pth at the same bytes. A crash at any moment leaves each file either old
-        or new, whole. Weights that are not finite are never written. Every process calls it;
-        rank 0 alone writes. Returns the path of latest.pth."""
+        or new, whole; a failed write (a full disk) raises WriteError and leaves the files as
+        they were. Weights that are not finite are never written. Every process calls it; rank
+        0 alone writes. Returns the path of latest.pth."""
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise NonFiniteLossError(f"the weights became NaN or infinite in epoch "
                                      f"{self.epoch + (loader_state['images_seen'] > 0)}; "
                                      "not saved")
         latest = os.path.join(self.ckpt_folder, "latest" + CKPT_SUFFIX)
-        rng = self.gathered_rng()
-        if not self.procs.is_main:
-            return latest
-        os.makedirs(self.ckpt_folder, exist_ok=True)
-        state = self.state(rng, loader_state)
-        atomic_write(latest, lambda f: torch.save(state, f))
-        if loader_state["images_seen"] == 0 and self.epoch % self.train_cfg.ckpt_freq == 0:
-            link_or_copy(latest, os.path.join(self.ckpt_folder, f"epoch_{self.epoch}{CKPT_SUFFIX}"))
-        if is_best:
-            link_or_copy(latest, os.path.join(self.ckpt_folder, "best" + CKPT_SUFFIX))
+        state = self.state(self.gathered_rng(), loader_state)
+        whole_epoch = loader_state["images_seen"] == 0
+
+        def write():
+            data = to_bytes(state)
+            atomic_write(latest, lambda f: f.write(data))
+            if whole_epoch and self.epoch % self.train_cfg.ckpt_freq == 0:
+                link_or_copy(latest, os.path.join(self.ckpt_folder,
+                                                  f"epoch_{self.epoch}{CKPT_SUFFIX}"))
+            if is_best:
+                link_or_copy(latest, os.path.join(self.ckpt_folder, "best" + CKPT_SUFFIX))
+
+        self._write_on_main(write)
         return latest
 
     def save_config(self):
-        if not self.procs.is_main:
-            return
-        os.makedirs(self.ckpt_folder, exist_ok=True)
         text = json.dumps({"model_config": asdict(self.cfg), "loss_weights": asdict(self.weights),
                            "train_config": asdict(self.train_cfg)}, indent=2, sort_keys=True)
         path = os.path.join(self.ckpt_folder, "config.json")
-        atomic_write(path, lambda f: f.write(text.encode()))
+        self._write_on_main(lambda: atomic_write(path, lambda f: f.write(text.encode())))
 
     def claim_folder(self):
         """Before training, holding the folder's RunLock: a new run refuses to overwrite the

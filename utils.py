@@ -1,6 +1,7 @@
 """Small helpers shared by the entry point, the trainer and the data loader."""
 
 import contextlib
+import errno
 import fcntl
 import os
 import random
@@ -17,6 +18,15 @@ from tqdm import tqdm
 
 class UserError(Exception):
     """A problem the user can fix; main.py prints it as one line and exits with code 2."""
+
+
+class WriteError(OSError):
+    """A file could not be written (a full disk, ...); the file it was to replace is intact.
+    Its message is one line naming the file; `errno` is the original error's."""
+
+    def __init__(self, message, errno=None):
+        super().__init__(message)
+        self.errno = errno
 
 
 def str2bool(text):
@@ -108,10 +118,16 @@ def atomic_write(path, write):
 
     `write(f)` fills a temporary file `.<name>.*.tmp` in the same folder; it is flushed, fsynced
     and renamed over `path`, and the folder is fsynced so the rename itself survives a power
-    cut. A process killed outright leaves the temporary, which `remove_temporaries` deletes.
+    cut. Any OSError on the way (a full disk) removes the temporary and is raised as a
+    WriteError; a process killed outright leaves the temporary, which `remove_temporaries`
+    deletes.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+                                   suffix=".tmp")
+    except OSError as e:
+        raise WriteError(write_failure(path, e), e.errno) from None
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -121,15 +137,24 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(write_failure(path, e), e.errno) from None
         raise
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_failure(path, error):
+    """One line for an OSError met while writing `path`: a full disk is named as such."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full (errno {error.errno}) writing {path}"
+    return f"could not write {path} ({error.strerror or error}, errno {error.errno})"
 
 
 def remove_temporaries(folder):

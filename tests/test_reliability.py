@@ -1,5 +1,6 @@
 """Resume, signals, atomic checkpoints, non-finite losses, determinism and bad input."""
 
+import errno
 import hashlib
 import os
 import signal
@@ -13,6 +14,8 @@ import torch
 
 import data_loader
 import main
+import plot_glimpses
+import trainer
 from checkpoints import load_checkpoint
 from conftest import ROOT, run_main, write_tiny_cifar
 from utils import RunLock, UserError, atomic_write, remove_temporaries
@@ -321,6 +324,58 @@ def test_a_new_run_does_not_overwrite_an_existing_one(tiny_cifar, tmp_path):
     before = {p.name: digest(p) for p in folder.glob("*.pth")}
     one_line_error(run_main(*flags(data_dir, tmp_path, "--epochs=1")), "--resume=True")
     assert {p.name: digest(p) for p in folder.glob("*.pth")} == before
+
+
+class FullDisk:
+    """A file that takes `room` more bytes, then fails as a full disk does."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def fill_disk(monkeypatch, module, room):
+    """Every atomic_write that `module` makes runs on a disk with `room` bytes free."""
+    real = module.atomic_write
+    monkeypatch.setattr(module, "atomic_write",
+                        lambda path, write: real(path, lambda f: write(FullDisk(f, room))))
+
+
+def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_files(tiny_cifar, tmp_path,
+                                                                       monkeypatch, capsys):
+    data_dir, _ = tiny_cifar
+    assert main.main(flags(data_dir, tmp_path, "--epochs=1")) == 0
+    folder = tmp_path / "ckpt" / NAME
+    before = {p.name: digest(p) for p in folder.iterdir()}
+    capsys.readouterr()
+    fill_disk(monkeypatch, trainer, 100_000)  # config.json fits, a checkpoint does not
+    assert main.main(flags(data_dir, tmp_path, "--epochs=2", "--resume=True")) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"disk full (errno 28) writing {folder / 'latest.pth'}" in err
+    assert {p.name: digest(p) for p in folder.iterdir() if p.name != "config.json"} == {
+        name: value for name, value in before.items() if name != "config.json"}
+
+
+def test_disk_full_for_glimpse_data_warns_and_training_goes_on(tiny_cifar, tmp_path,
+                                                               monkeypatch, capsys):
+    data_dir, _ = tiny_cifar
+    fill_disk(monkeypatch, plot_glimpses, 0)
+    assert main.main(flags(data_dir, tmp_path, "--epochs=2")) == 0
+    captured = capsys.readouterr()
+    warnings = captured.err.strip().splitlines()
+    assert len(warnings) == 2 and all("disk full (errno 28)" in line for line in warnings)
+    assert "epoch 2/2" in captured.out
+    assert (tmp_path / "ckpt" / NAME / "epoch_2.pth").is_file()
+    assert not list((tmp_path / "plots" / NAME).iterdir())  # no half-written file either
 
 
 def test_a_resume_applies_changed_flags_and_says_so_one_line_each(tiny_cifar, tmp_path, capsys):
