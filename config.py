@@ -101,6 +101,9 @@ def _core_flags(p):
     core.add_argument("--M", type=_positive_int, default=10,
                       help="Monte Carlo samples of the glimpse path averaged at validation and "
                       "test")
+    core.add_argument("--eval_chunk", type=_positive_int, default=2048,
+                      help="most images (paths x batch) in one evaluation forward pass; bounds "
+                      "its memory whatever --M is (at least one path of a batch per pass)")
 
 
 def _loss_flags(p):
@@ -211,6 +214,7 @@ class TrainConfig:
     compile: bool = False
     resume: bool = False
     M: int = 10
+    eval_chunk: int = 2048
     ckpt_dir: str = "./ckpt"
     ckpt_freq: int = 1
     best: bool = True

@@ -105,18 +105,54 @@ class EpochTally:
         return metrics
 
 
-def evaluation_noise(positions, num_glimpses, M, seed):
-    """Policy noise fixed per image: (T, M*B, 2), path m of image b at column m*B + b.
+class EvaluationNoise:
+    """Policy noise fixed per image: path m of image i is the m-th (T, 2) standard normal draw
+    of a generator seeded by `seed` and i (its position in the split).
 
-    Each image draws from a generator seeded by `seed` and its position in the split, so an
-    image gets the same M paths whatever batch or process evaluates it, and evaluation leaves
-    the training's random stream alone.
+    So an image gets the same M paths whatever batch, process or chunk of paths evaluates it,
+    and evaluation leaves the training's random stream alone.
     """
-    draws = [torch.randn(M, num_glimpses, 2,
-                         generator=torch.Generator().manual_seed(seed * NOISE_STRIDE + int(i)))
-             for i in positions]
-    noise = torch.stack(draws, 2)  # (M, T, B, 2)
-    return noise.transpose(0, 1).flatten(1, 2)  # (T, M*B, 2)
+
+    def __init__(self, positions, num_glimpses, seed):
+        self.num_glimpses = num_glimpses
+        self.generators = [torch.Generator().manual_seed(seed * NOISE_STRIDE + int(i))
+                           for i in positions]
+
+    def draw(self, paths):
+        """The next `paths` paths of every image: (T, paths*B, 2), path m of image b at
+        column m*B + b."""
+        draws = [torch.stack([torch.randn(self.num_glimpses, 2, generator=g)
+                              for g in self.generators], 1)  # (T, B, 2)
+                 for _ in range(paths)]
+        return torch.cat(draws, 1)  # (T, paths*B, 2)
+
+
+def evaluate_batch(model, x, positions, train_cfg: TrainConfig):
+    """The --M glimpse paths of every image of a batch, at most --eval_chunk images per pass.
+
+    Returns the class probabilities (B, classes) and the error of the final reconstruction
+    (B,), each averaged over the paths in float64, path after path, so that neither depends on
+    how the paths are chunked; and aims (T, B, 2), where the policy aimed on each image's first
+    path.
+    """
+    B, M = x.shape[0], train_cfg.M
+    noise = EvaluationNoise(positions, model.cfg.num_glimpses, train_cfg.random_seed)
+    per_pass = max(1, train_cfg.eval_chunk // B)
+    probs = errors = aims = None
+    for first in range(0, M, per_pass):
+        paths = min(per_pass, M - first)
+        with autocast(x.device, train_cfg.amp):
+            out = model(x.repeat(paths, 1, 1, 1), every_step=False,
+                        noise=noise.draw(paths).to(x.device))  # (paths*B, ...)
+        chunk_probs = out.log_probs.float().exp().view(paths, B, -1).double()  # (paths, B, K)
+        final = out.recon[-1].float().view(paths, B, *x.shape[1:])  # (paths, B, C, H, W)
+        chunk_errors = reconstruction_errors(final, x).double()  # (paths, B)
+        for m in range(paths):
+            probs = chunk_probs[m] if probs is None else probs + chunk_probs[m]
+            errors = chunk_errors[m] if errors is None else errors + chunk_errors[m]
+        if aims is None:
+            aims = out.loc_means[:, :B]  # (T, B, 2), the first path
+    return probs / M, errors / M, aims
 
 
 @torch.no_grad()
@@ -134,27 +170,17 @@ def evaluate(model, loader, train_cfg: TrainConfig, device, procs=SINGLE_PROCESS
     locations give about 0.58.
     """
     model.eval()
-    T, M = model.cfg.num_glimpses, train_cfg.M
-    correct, sq_err, seen = 0, 0.0, 0
-    aim_sum = torch.zeros(T, 2, dtype=torch.float64)
-    aim_sq = torch.zeros(T, 2, dtype=torch.float64)
+    T = model.cfg.num_glimpses
+    # correct, summed squared error, images; then the aims' sums and sums of squares, (T, 2) each
+    sums = torch.zeros(3 + 4 * T, dtype=torch.float64)
     for images, labels, positions in loader:
         x, y = to_float(images, device), labels.to(device, non_blocking=True)
-        batch = y.shape[0]
-        noise = evaluation_noise(positions, T, M, train_cfg.random_seed).to(device)
-        with autocast(device, train_cfg.amp):
-            out = model(x.repeat(M, 1, 1, 1), every_step=False, noise=noise)  # (M*B, ...)
-        probs = out.log_probs.float().exp().view(M, batch, -1).mean(0)  # (B, classes)
-        correct = correct + (probs.argmax(-1) == y).sum()
-        errors = reconstruction_errors(out.recon[-1].float().view(M, batch, *x.shape[1:]), x)
-        sq_err = sq_err + errors.mean(0).double().sum()  # errors: (M, B)
-        aims = out.loc_means[:, :batch].double().cpu()  # (T, B, 2), the first path
-        aim_sum += aims.sum(1)
-        aim_sq += aims.pow(2).sum(1)
-        seen += batch
-    totals = torch.cat([torch.tensor([float(correct), float(sq_err), seen], dtype=torch.float64),
-                        aim_sum.flatten(), aim_sq.flatten()])
-    totals = all_reduce(totals, procs)
+        probs, errors, aims = evaluate_batch(model, x, positions, train_cfg)
+        aims = aims.double().cpu()  # (T, B, 2)
+        counts = torch.tensor([float((probs.argmax(-1) == y).sum()), float(errors.sum()),
+                               len(y)], dtype=torch.float64)
+        sums += torch.cat([counts, aims.sum(1).flatten(), aims.pow(2).sum(1).flatten()])
+    totals = all_reduce(sums, procs)
     correct, sq_err, seen = totals[:3].tolist()
     aim_mean = totals[3:3 + 2 * T].view(T, 2) / seen
     aim_std = (totals[3 + 2 * T:].view(T, 2) / seen - aim_mean.pow(2)).clamp_(min=0).sqrt()

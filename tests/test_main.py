@@ -82,6 +82,7 @@ def test_supervised_objective_and_fixed_policies_train(tiny_cifar, tmp_path):
     (["--patch_size=20", "--glimpse_scale=4"], "largest patch"),
     (["--is_train=false"], "no checkpoint"),
     (["--resume=true"], "no checkpoint"),
+    (["--eval_chunk=0"], "--eval_chunk"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, flags, expected):
     done = run_main(*flags, f"--data_dir={tmp_path / 'data'}", *outputs(tmp_path))
