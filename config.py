@@ -3,19 +3,13 @@ LossWeights and TrainConfig. Flag names follow the RAM code the seed forked, so 
 working."""
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass, fields
 
 from model import LossWeights
 from modules import OBJECTIVES, POLICIES, ModelConfig
-from utils import UserError, str2bool
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (no usage dump) with exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+from utils import OneLineParser, UserError, str2bool
 
 
 def _bool(text):
@@ -38,8 +32,21 @@ def _int_at_least(low):
     return parse
 
 
+def _int_between(low, high):
+    at_least = _int_at_least(low)
+
+    def parse(text):
+        value = at_least(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
+        return value
+    parse.__name__ = f"whole number in {low}..{high}"
+    return parse
+
+
 _positive_int = _int_at_least(1)
-_non_negative_int = _int_at_least(0)
+# NumPy takes seeds below 2**32, and each torchrun process seeds with random_seed + rank.
+MAX_SEED = 2**31 - 1
 
 
 def _fraction(text):
@@ -130,9 +137,9 @@ def _data_flags(p):
     data.add_argument("--batch_size", type=_int_at_least(2), default=128,
                       help="images per batch (per process under torchrun); at least 2, as the "
                       "probe standardises over the batch")
-    data.add_argument("--num_workers", type=_non_negative_int, default=0,
-                      help="worker processes that assemble batches; the data is in memory, so 0 "
-                      "is usually fastest")
+    data.add_argument("--num_workers", type=_int_between(0, os.cpu_count() or 1), default=0,
+                      help="worker processes that assemble batches, at most one per CPU; the "
+                      "data is in memory, so 0 is usually fastest")
 
 
 def _training_flags(p):
@@ -148,7 +155,8 @@ def _training_flags(p):
                        "rate is cut by 10x")
     train.add_argument("--train_patience", type=_positive_int, default=50,
                        help="epochs without a better validation accuracy before training stops")
-    train.add_argument("--random_seed", type=int, default=1, help="seed of every random stream")
+    train.add_argument("--random_seed", type=_int_between(0, MAX_SEED), default=1,
+                       help="seed of every random stream")
     train.add_argument("--device", default="auto",
                        help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     train.add_argument("--amp", type=_bool, default=False,
@@ -185,9 +193,9 @@ def _output_flags(p):
 
 
 def build_parser():
-    p = _Parser(prog="main.py", allow_abbrev=False,
-                description="Train or test the unsupervised recurrent attention model (RAM with "
-                "an autoencoder head) on CIFAR-10.")
+    p = OneLineParser(prog="main.py", allow_abbrev=False,
+                      description="Train or test the unsupervised recurrent attention model (RAM "
+                      "with an autoencoder head) on CIFAR-10.")
     for add_group in (_glimpse_flags, _core_flags, _loss_flags, _data_flags, _training_flags,
                       _output_flags):
         add_group(p)
@@ -224,6 +232,21 @@ class TrainConfig:
     plot_dir: str = "./plots"
     plot_freq: int = 1
     print_freq: int = 10
+
+
+def ignored_flags(cfg: TrainConfig):
+    """Warnings, one line each, for flags that this combination makes do nothing."""
+    warnings = []
+    if cfg.is_train and cfg.model_epoch is not None:
+        warnings.append(f"--model_epoch={cfg.model_epoch} is ignored while training; it picks "
+                        "the checkpoint that --is_train=false tests")
+    if not cfg.is_train and cfg.resume:
+        warnings.append("--resume=true is ignored with --is_train=false; testing reads the "
+                        "checkpoint that --model_epoch or --best picks")
+    if cfg.is_train and cfg.lr_patience >= cfg.train_patience:
+        warnings.append(f"--lr_patience={cfg.lr_patience} is not below --train_patience="
+                        f"{cfg.train_patience}: training stops before the learning rate is cut")
+    return warnings
 
 
 def parse_args(argv=None):

@@ -6,7 +6,7 @@ import sys
 
 import torch.distributed as dist
 
-from config import loss_weights, model_config, parse_args, train_config
+from config import ignored_flags, loss_weights, model_config, parse_args, train_config
 from data_loader import (
     Batching,
     cifar10_loaders,
@@ -105,6 +105,8 @@ def train(trainer, stop):
     cfg, procs = trainer.train_cfg, trainer.procs
     check_writable(cfg.ckpt_dir, "--ckpt_dir")
     check_writable(cfg.plot_dir, "--plot_dir")
+    if cfg.use_tensorboard:
+        check_writable(cfg.logs_dir, "--logs_dir")
     with run_lock(trainer.ckpt_folder, procs):
         trainer.claim_folder()
         path = trainer.checkpoint_path(best=False) if cfg.resume else None
@@ -163,6 +165,9 @@ def start(args):
     """The three configurations, this process's place and device, and the trainer."""
     cfg, weights, train_cfg = model_config(args), loss_weights(args), train_config(args)
     procs, device = init_distributed(pick_device(train_cfg.device))
+    for warning in ignored_flags(train_cfg):
+        if procs.is_main:
+            print(f"main.py: warning: {warning}", file=sys.stderr, flush=True)
     seed_everything(train_cfg.random_seed + procs.rank)  # one policy stream per process
     return Trainer(cfg, weights, train_cfg, device, procs)
 

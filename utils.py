@@ -1,5 +1,6 @@
 """Small helpers shared by the entry point, the trainer and the data loader."""
 
+import argparse
 import contextlib
 import errno
 import fcntl
@@ -27,6 +28,13 @@ class WriteError(OSError):
     def __init__(self, message, errno=None):
         super().__init__(message)
         self.errno = errno
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage dump) with exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def str2bool(text):
@@ -88,22 +96,30 @@ def all_reduce(values, procs, op=None):
     return values
 
 
+def _mps_available():
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def pick_device(name):
-    """'auto' picks CUDA, then MPS, then the CPU; anything else is passed to torch.device."""
+    """'auto' picks CUDA, then MPS, then the CPU; otherwise cpu, cuda, cuda:N or mps, checked
+    to exist here."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("mps" if _mps_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device={name} is not a device; use auto, cpu, cuda, cuda:N or mps") \
-            from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device={name} is not a device this project runs on; use auto, cpu, "
+                        "cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device={name} but CUDA is not available here; use --device=cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device={name} but this machine has {torch.cuda.device_count()} CUDA "
+                        f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not _mps_available():
         raise UserError(f"--device={name} but MPS is not available here; use --device=cpu")
     return device
 

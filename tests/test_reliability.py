@@ -257,6 +257,8 @@ def test_unwritable_folders_are_refused(tiny_cifar, tmp_path):
     one_line_error(run_main(*flags(data_dir, tmp_path), f"--ckpt_dir={blocker / 'x'}"),
                    "--ckpt_dir")
     one_line_error(run_main(*flags(blocker / "x", tmp_path)), "--data_dir")
+    one_line_error(run_main(*flags(data_dir, tmp_path), "--use_tensorboard=true",
+                            f"--logs_dir={blocker / 'x'}"), "--logs_dir")
 
 
 def test_cache_failing_its_checksum_is_fetched_again(tiny_cifar, monkeypatch, capsys):
