@@ -251,7 +251,7 @@ def train_valid_split(num_train, valid_size):
 class ImageBatches(Dataset):
     """uint8 images held in memory, indexed by a whole batch of indices at a time.
 
-    Handing out whole batches (the sampler yields index lists, the loader has batch_size=None)
+    Handing out whole batches (the sampler yields index tensors, the loader has batch_size=None)
     avoids collating 128 single images per step; one fancy-index copies the batch out.
     Images stay uint8 until they reach the device, where `to_float` scales them to [0, 1].
     """
