@@ -1,18 +1,23 @@
-"""Command-line flags. Names follow the RAM code the seed forked, so its commands keep working."""
+"""Command-line flags and the three configurations built from them once: ModelConfig,
+LossWeights and TrainConfig. Flag names follow the RAM code the seed forked, so its commands keep
+working."""
 
 import argparse
+import os
 import sys
+from dataclasses import dataclass, fields
 
 from model import LossWeights
-from modules import BASELINES, OBJECTIVES, POLICIES, PROBE_INPUTS, REWARDS, ModelConfig
-from utils import UserError, str2bool
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line (no usage dump) with exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+from modules import (
+    BASELINES,
+    OBJECTIVES,
+    POLICIES,
+    POLICY_INPUTS,
+    PROBE_INPUTS,
+    REWARDS,
+    ModelConfig,
+)
+from utils import OneLineParser, UserError, str2bool
 
 
 def _bool(text):
@@ -35,8 +40,21 @@ def _int_at_least(low):
     return parse
 
 
+def _int_between(low, high):
+    at_least = _int_at_least(low)
+
+    def parse(text):
+        value = at_least(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {value}")
+        return value
+    parse.__name__ = f"whole number in {low}..{high}"
+    return parse
+
+
 _positive_int = _int_at_least(1)
-_non_negative_int = _int_at_least(0)
+# NumPy takes seeds below 2**32, and each torchrun process seeds with random_seed + rank.
+MAX_SEED = 2**31 - 1
 
 
 def _fraction(text):
@@ -69,11 +87,7 @@ def _weight(text):
     return value
 
 
-def build_parser():
-    p = _Parser(prog="main.py", allow_abbrev=False,
-                description="Train or test the unsupervised recurrent attention model (RAM with "
-                "an autoencoder head) on CIFAR-10.")
-
+def _glimpse_flags(p):
     glimpse = p.add_argument_group("glimpse sensor and networks")
     glimpse.add_argument("--patch_size", type=_positive_int, default=6,
                          help="side g of the smallest (finest) patch of a glimpse, in pixels")
@@ -86,6 +100,8 @@ def build_parser():
     glimpse.add_argument("--loc_hidden", type=_positive_int, default=128,
                          help="width of the layer that reads the location ('where')")
 
+
+def _core_flags(p):
     core = p.add_argument_group("core and policy")
     core.add_argument("--num_glimpses", type=_positive_int, default=9,
                       help="glimpses per image (recurrent steps)")
@@ -94,16 +110,24 @@ def build_parser():
     core.add_argument("--std", type=_positive_float, default=0.05,
                       help="standard deviation of the Gaussian location policy (locations are "
                       "in [-1, 1])")
-    core.add_argument("--policy", choices=POLICIES, default="learned",
+    core.add_argument("--policy", choices=tuple(POLICIES), default="learned",
                       help="where glimpses go: learned (REINFORCE); the ablations random "
                       "(uniform), centre, or grid (a fixed raster scan that covers the image)")
+    core.add_argument("--policy_input", choices=POLICY_INPUTS, default="state",
+                      help="what the learned policy reads: the state h, or the state and the "
+                      "index of the glimpse it places (state_step)")
     core.add_argument("--baseline", choices=BASELINES, default="shared",
                       help="REINFORCE's value estimate: one linear head for every step (shared) "
                       "or one head per step (per_step)")
     core.add_argument("--M", type=_positive_int, default=10,
                       help="Monte Carlo samples of the glimpse path averaged at validation and "
                       "test")
+    core.add_argument("--eval_chunk", type=_positive_int, default=2048,
+                      help="most images (paths x batch) in one evaluation forward pass; bounds "
+                      "its memory whatever --M is (at least one path of a batch per pass)")
 
+
+def _loss_flags(p):
     loss = p.add_argument_group("objective and loss weights")
     loss.add_argument("--objective", choices=OBJECTIVES, default="unsupervised",
                       help="unsupervised: reconstruction trains the model, labels reach only "
@@ -124,6 +148,8 @@ def build_parser():
         loss.add_argument(f"--{name}", type=_weight, default=default,
                           help=f"weight of the {what} in the loss")
 
+
+def _data_flags(p):
     data = p.add_argument_group("data")
     data.add_argument("--data_dir", default="./data",
                       help="where CIFAR-10 is looked for and cached")
@@ -132,10 +158,12 @@ def build_parser():
     data.add_argument("--batch_size", type=_int_at_least(2), default=128,
                       help="images per batch (per process under torchrun); at least 2, as the "
                       "probe standardises over the batch")
-    data.add_argument("--num_workers", type=_non_negative_int, default=0,
-                      help="worker processes that assemble batches; the data is in memory, so 0 "
-                      "is usually fastest")
+    data.add_argument("--num_workers", type=_int_between(0, os.cpu_count() or 1), default=0,
+                      help="worker processes that assemble batches, at most one per CPU; the "
+                      "data is in memory, so 0 is usually fastest")
 
+
+def _training_flags(p):
     train = p.add_argument_group("training")
     train.add_argument("--is_train", type=_bool, default=True,
                        help="true: train; false: test a checkpoint on the test split")
@@ -148,7 +176,8 @@ def build_parser():
                        "rate is cut by 10x")
     train.add_argument("--train_patience", type=_positive_int, default=50,
                        help="epochs without a better validation accuracy before training stops")
-    train.add_argument("--random_seed", type=int, default=1, help="seed of every random stream")
+    train.add_argument("--random_seed", type=_int_between(0, MAX_SEED), default=1,
+                       help="seed of every random stream")
     train.add_argument("--device", default="auto",
                        help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     train.add_argument("--amp", type=_bool, default=False,
@@ -159,6 +188,8 @@ def build_parser():
     train.add_argument("--resume", type=_bool, default=False,
                        help="continue from the latest checkpoint of this model")
 
+
+def _output_flags(p):
     out = p.add_argument_group("checkpoints and logs")
     out.add_argument("--ckpt_dir", default="./ckpt",
                      help="checkpoints go to <ckpt_dir>/<model name>/")
@@ -180,7 +211,63 @@ def build_parser():
                      help="write glimpse data every Nth epoch")
     out.add_argument("--print_freq", type=_positive_int, default=10,
                      help="refresh the progress bar's loss figures every Nth batch")
+
+
+def build_parser():
+    p = OneLineParser(prog="main.py", allow_abbrev=False,
+                      description="Train or test the unsupervised recurrent attention model (RAM "
+                      "with an autoencoder head) on CIFAR-10.")
+    for add_group in (_glimpse_flags, _core_flags, _loss_flags, _data_flags, _training_flags,
+                      _output_flags):
+        add_group(p)
     return p
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every option of a run that is neither the model's nor the loss's: the data, the training,
+    evaluation and the outputs. One field per flag of the same name, with the same default."""
+
+    data_dir: str = "./data"
+    valid_size: float = 0.1
+    batch_size: int = 128
+    num_workers: int = 0
+    is_train: bool = True
+    epochs: int = 200
+    init_lr: float = 3e-4
+    lr_patience: int = 20
+    train_patience: int = 50
+    random_seed: int = 1
+    device: str = "auto"
+    amp: bool = False
+    compile: bool = False
+    resume: bool = False
+    M: int = 10
+    eval_chunk: int = 2048
+    ckpt_dir: str = "./ckpt"
+    ckpt_freq: int = 1
+    best: bool = True
+    model_epoch: int | None = None
+    logs_dir: str = "./logs"
+    use_tensorboard: bool = False
+    plot_dir: str = "./plots"
+    plot_freq: int = 1
+    print_freq: int = 10
+
+
+def ignored_flags(cfg: TrainConfig):
+    """Warnings, one line each, for flags that this combination makes do nothing."""
+    warnings = []
+    if cfg.is_train and cfg.model_epoch is not None:
+        warnings.append(f"--model_epoch={cfg.model_epoch} is ignored while training; it picks "
+                        "the checkpoint that --is_train=false tests")
+    if not cfg.is_train and cfg.resume:
+        warnings.append("--resume=true is ignored with --is_train=false; testing reads the "
+                        "checkpoint that --model_epoch or --best picks")
+    if cfg.is_train and cfg.lr_patience >= cfg.train_patience:
+        warnings.append(f"--lr_patience={cfg.lr_patience} is not below --train_patience="
+                        f"{cfg.train_patience}: training stops before the learning rate is cut")
+    return warnings
 
 
 def parse_args(argv=None):
@@ -190,14 +277,19 @@ def parse_args(argv=None):
 
 def model_config(args, **overrides):
     """The ModelConfig the flags describe; a combination it cannot be built with is a UserError."""
-    fields = {name: getattr(args, name) for name in (
+    chosen = {name: getattr(args, name) for name in (
         "patch_size", "glimpse_scale", "num_patches", "glimpse_hidden", "loc_hidden",
         "hidden_size", "num_glimpses", "std", "policy", "objective", "reward", "baseline",
-        "probe_input")}
+        "probe_input", "policy_input")}
     try:
-        return ModelConfig(**{**fields, **overrides})
+        return ModelConfig(**{**chosen, **overrides})
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def train_config(args):
+    """The TrainConfig the flags describe."""
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
 
 
 def loss_weights(args):
@@ -207,8 +299,8 @@ def loss_weights(args):
 
 
 def model_name(cfg: ModelConfig):
-    """ram_<glimpses>_<g>x<g>_<scale>, with the objective, the policy and the reward, baseline
-    and probe options appended when not default."""
+    """ram_<glimpses>_<g>x<g>_<scale>, then _k<patches>, _<objective>, _<policy> and the reward,
+    baseline and probe options, each where it is not the default."""
     name = f"ram_{cfg.num_glimpses}_{cfg.patch_size}x{cfg.patch_size}_{cfg.glimpse_scale}"
     if cfg.num_patches != ModelConfig.num_patches:
         name += f"_k{cfg.num_patches}"
@@ -216,7 +308,8 @@ def model_name(cfg: ModelConfig):
         name += f"_{cfg.objective}"
     if cfg.policy != ModelConfig.policy:
         name += f"_{cfg.policy}"
-    for option in ("reward", "baseline", "probe_input"):  # ablations get folders of their own
+    # Ablations get folders of their own.
+    for option in ("reward", "baseline", "probe_input", "policy_input"):
         if getattr(cfg, option) != getattr(ModelConfig, option):
             name += f"_{getattr(cfg, option)}"
     return name

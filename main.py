@@ -6,11 +6,26 @@ import sys
 
 import torch.distributed as dist
 
-from config import loss_weights, model_config, model_name, parse_args
-from data_loader import cifar10_loaders, cifar10_test_loader, load_cifar10, to_float
+from config import ignored_flags, loss_weights, model_config, parse_args, train_config
+from data_loader import (
+    Batching,
+    cifar10_loaders,
+    cifar10_test_loader,
+    load_cifar10,
+    to_float,
+)
 from plot_glimpses import write_glimpse_data
 from trainer import NonFiniteLossError, Trainer, TrainingInterrupted, print_main
-from utils import Procs, UserError, check_writable, init_distributed, pick_device, seed_everything
+from utils import (
+    Procs,
+    UserError,
+    WriteError,
+    check_writable,
+    init_distributed,
+    pick_device,
+    run_lock,
+    seed_everything,
+)
 
 PLOT_IMAGES = 9  # the same first validation images every epoch, so epochs can be compared
 
@@ -53,55 +68,80 @@ def fetch_once(data_dir, procs):
         dist.barrier()
 
 
-def train(args, trainer, stop):
-    procs = trainer.procs
-    check_writable(args.ckpt_dir, "--ckpt_dir")
-    check_writable(args.plot_dir, "--plot_dir")
-    if args.resume:
-        path = trainer.checkpoint_path(best=False)
-        trainer.load(path, resume=True)
-        within = f", step {trainer.step_in_epoch} of epoch {trainer.epoch + 1}" \
-            if trainer.step_in_epoch else ""
-        print_main(procs, f"resuming {trainer.name} from {path} after epoch {trainer.epoch}"
-                   f"{within}")
-    fetch_once(args.data_dir, procs)
-    train_loader, valid_loader = cifar10_loaders(
-        args.data_dir, args.batch_size, args.valid_size, args.num_workers, trainer.generator,
-        trainer.device.type == "cuda", procs, args.random_seed)
-    processes = f" x {procs.world_size} processes" if procs.distributed else ""
-    print_main(procs, f"training {trainer.name} on {trainer.device}{processes}: "
-               f"{len(train_loader.dataset)} train and {len(valid_loader.dataset)} validation "
-               f"images, batch {args.batch_size}{processes}, {args.epochs} epochs at most")
-    plot_folder = os.path.join(args.plot_dir, trainer.name)
+def batching(trainer):
+    cfg = trainer.train_cfg
+    return Batching(cfg.batch_size, cfg.random_seed, cfg.num_workers,
+                    trainer.device.type == "cuda", trainer.procs)
+
+
+def plot_hook(trainer, valid_loader):
+    """What training calls after each epoch: the glimpse data of the first validation images,
+    every --plot_freq epochs. A failed write (a full disk) is a warning; training goes on."""
+    cfg = trainer.train_cfg
+    folder = os.path.join(cfg.plot_dir, trainer.name)
     shown = range(min(PLOT_IMAGES, len(valid_loader.dataset)))
-    plot_images = to_float(valid_loader.dataset[list(shown)][0], trainer.device)
+    images = to_float(valid_loader.dataset[list(shown)][0], trainer.device)
 
     def write_plot_data(trainer):
-        if trainer.epoch % args.plot_freq == 0:
-            write_glimpse_data(trainer.model, plot_images, trainer.epoch, plot_folder)
+        if trainer.epoch % cfg.plot_freq == 0:
+            try:
+                write_glimpse_data(trainer.model, images, trainer.epoch, folder)
+            except OSError as e:
+                print(f"main.py: warning: no glimpse data for epoch {trainer.epoch}: {e}; "
+                      "training goes on", file=sys.stderr, flush=True)
+    return write_plot_data
 
-    writer = None
-    if args.use_tensorboard and procs.is_main:
-        from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(os.path.join(args.logs_dir, trainer.name))
-    try:
-        trainer.fit(train_loader, valid_loader, writer, write_plot_data, stop.requested)
-    finally:
-        if writer is not None:
-            writer.close()
+def open_writer(trainer):
+    cfg = trainer.train_cfg
+    if not (cfg.use_tensorboard and trainer.procs.is_main):
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(os.path.join(cfg.logs_dir, trainer.name))
+
+
+def train(trainer, stop):
+    cfg, procs = trainer.train_cfg, trainer.procs
+    check_writable(cfg.ckpt_dir, "--ckpt_dir")
+    check_writable(cfg.plot_dir, "--plot_dir")
+    if cfg.use_tensorboard:
+        check_writable(cfg.logs_dir, "--logs_dir")
+    with run_lock(trainer.ckpt_folder, procs):
+        trainer.claim_folder()
+        path = trainer.checkpoint_path(best=False) if cfg.resume else None
+        fetch_once(cfg.data_dir, procs)
+        train_loader, valid_loader = cifar10_loaders(cfg.data_dir, cfg.valid_size,
+                                                     batching(trainer))
+        if path is not None:
+            position = trainer.resume(path, train_loader)
+            within = f", {position['images_seen']} images into epoch {trainer.epoch + 1}" \
+                if position["images_seen"] else ""
+            print_main(procs, f"resuming {trainer.name} from {path} after epoch {trainer.epoch}"
+                       f"{within}")
+        processes = f" x {procs.world_size} processes" if procs.distributed else ""
+        print_main(procs, f"training {trainer.name} on {trainer.device}{processes}: "
+                   f"{len(train_loader.dataset)} train and {len(valid_loader.dataset)} "
+                   f"validation images, batch {cfg.batch_size}{processes}, {cfg.epochs} epochs "
+                   "at most")
+        writer = open_writer(trainer)
+        try:
+            trainer.fit(train_loader, valid_loader, writer, plot_hook(trainer, valid_loader),
+                        stop.requested)
+        finally:
+            if writer is not None:
+                writer.close()
     print_main(procs, f"best validation accuracy {trainer.best_valid_acc:.2f}%; checkpoints in "
                f"{trainer.ckpt_folder}")
 
 
-def test(args, trainer):
-    path = trainer.checkpoint_path(args.model_epoch, args.best)
+def test(trainer):
+    cfg = trainer.train_cfg
+    path = trainer.checkpoint_path(cfg.model_epoch, cfg.best)
     trainer.load(path)
-    fetch_once(args.data_dir, trainer.procs)
-    loader = cifar10_test_loader(args.data_dir, args.batch_size, args.num_workers,
-                                 trainer.device.type == "cuda", trainer.procs)
-    m = trainer.test(loader)
-    print_main(trainer.procs, f"test {trainer.name} epoch {trainer.epoch} ({path}), M={args.M}: "
+    fetch_once(cfg.data_dir, trainer.procs)
+    m = trainer.test(cifar10_test_loader(cfg.data_dir, batching(trainer)))
+    print_main(trainer.procs, f"test {trainer.name} epoch {trainer.epoch} ({path}), M={cfg.M}: "
                f"accuracy {m['acc']:.2f}% (error {100 - m['acc']:.2f}%) | reconstruction mse "
                f"{m['mse']:.5f} psnr {m['psnr']:.2f} dB | location spread "
                f"{m['loc_spread']:.3f}")
@@ -121,27 +161,39 @@ def main(argv=None):
         return run(args, stop)
 
 
+def start(args):
+    """The three configurations, this process's place and device, and the trainer."""
+    cfg, weights, train_cfg = model_config(args), loss_weights(args), train_config(args)
+    procs, device = init_distributed(pick_device(train_cfg.device))
+    for warning in ignored_flags(train_cfg):
+        if procs.is_main:
+            print(f"main.py: warning: {warning}", file=sys.stderr, flush=True)
+    seed_everything(train_cfg.random_seed + procs.rank)  # one policy stream per process
+    return Trainer(cfg, weights, train_cfg, device, procs)
+
+
 def run(args, stop):
     """Train or test as the flags say; returns the exit code."""
     procs = Procs()
     try:
-        cfg = model_config(args)
-        weights = loss_weights(args)
-        procs, device = init_distributed(pick_device(args.device))
-        seed_everything(args.random_seed + procs.rank)  # one policy stream per process
-        trainer = Trainer(cfg, weights, args, model_name(cfg), device, procs)
+        trainer = start(args)
+        procs = trainer.procs
         if args.is_train:
-            train(args, trainer, stop)
+            train(trainer, stop)
         else:
-            test(args, trainer)
+            test(trainer)
     except UserError as e:
         return fail(procs, f"error: {e}", 2)
     except TrainingInterrupted as e:
-        where = f"epoch {e.epoch}, step {e.step}" if e.step else f"the end of epoch {e.epoch}"
+        where = f"epoch {e.epoch}, {e.images} images in" if e.images else \
+            f"the end of epoch {e.epoch}"
         return fail(procs, f"stopped at {where}; checkpoint {e.path}; continue with the same "
                     "flags and --resume=True", 128 + (stop.signum or signal.SIGINT))
     except NonFiniteLossError as e:
         return fail(procs, f"error: {e}; the last good checkpoint is kept", 1)
+    except WriteError as e:
+        return fail(procs, f"error: {e}; the checkpoints written before are kept: free some "
+                    "space, then continue with --resume=True", 1)
     except KeyboardInterrupt:
         return fail(procs, "interrupted", 130)
     finally:

@@ -8,12 +8,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modules import (
+    POLICIES,
     BaselineNetwork,
     Classifier,
     CoreNetwork,
     Decoder,
     GlimpseNetwork,
-    LocationNetwork,
     ModelConfig,
     Retina,
     location_to_pixels,
@@ -53,25 +53,12 @@ class Rollout:
     patches: torch.Tensor | None = None
 
 
-def grid_locations(num_glimpses):
-    """The `grid` policy's fixed scan: a raster of n x n cell centres, n = ceil(sqrt(T)),
-    row by row from the top left, the first T of them. For 9 glimpses the centres are at
-    -2/3, 0 and +2/3 on each axis, and their 12 px patches tile a 32 px image.
-
-    Returns:
-        (T, 2) locations (x, y) in [-1, 1].
-    """
-    n = math.ceil(math.sqrt(num_glimpses))
-    centres = (2 * torch.arange(n, dtype=torch.float32) + 1) / n - 1  # (n,)
-    ys, xs = torch.meshgrid(centres, centres, indexing="ij")  # (n, n) each
-    return torch.stack([xs.flatten(), ys.flatten()], -1)[:num_glimpses]  # (T, 2)
-
-
 class RecurrentAttention(nn.Module):
     """RAM (Mnih et al., 2014) with a decoder that rebuilds the image from the glimpses.
 
-    For t = 1..T:  l_t ~ pi(. | h_{t-1}),  h_t = core(glimpse(retina(x, l_t), l_t), h_{t-1}),
-    x_hat_t = sum_{tau <= t} decoder(h_tau).  h_0 = 0, so the first location is learned too.
+    For t = 1..T:  l_t ~ pi(. | h_{t-1}, t),  h_t = core(glimpse(retina(x, l_t), l_t), h_{t-1}),
+    x_hat_t = sum_{tau <= t} decoder(h_tau).  h_0 = 0, so the learned policy places the first
+    glimpse too. pi is the `locator`, the module POLICIES names for cfg.policy.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -80,40 +67,22 @@ class RecurrentAttention(nn.Module):
         self.retina = Retina(cfg)
         self.glimpse = GlimpseNetwork(cfg)
         self.core = CoreNetwork(cfg)
-        self.locator = LocationNetwork(cfg)
+        self.locator = POLICIES[cfg.policy](cfg)
         self.baseline = BaselineNetwork(cfg)
         self.classifier = Classifier(cfg)
         self.decoder = Decoder(cfg)
-        self.register_buffer("grid", grid_locations(cfg.num_glimpses), persistent=False)
         shape = (1, cfg.num_channels, 1, 1)
-        self.register_buffer("mean", torch.tensor(cfg.pixel_mean).view(shape), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.pixel_std).view(shape), persistent=False)
+        # The dataset's pixel statistics, (1, C, 1, 1); not cfg.std, the policy's spread.
+        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(shape),
+                             persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(shape),
+                             persistent=False)
 
     def normalize(self, x):
-        return (x - self.mean) / self.std
+        return (x - self.pixel_mean) / self.pixel_std
 
     def unnormalize(self, x):
-        return x * self.std + self.mean
-
-    def _choose_location(self, h, t, noise):
-        """Location of glimpse t, its log-probability and the policy's mean, by the policy.
-
-        `noise` (B, 2), standard normal or None, replaces the policy's own random draw; the
-        random policy turns it into a uniform location through the normal CDF.
-        """
-        policy = self.cfg.policy
-        if policy == "learned":
-            return self.locator(h, noise)
-        if policy == "random":
-            if noise is None:
-                l = torch.rand(h.shape[0], 2, device=h.device, dtype=h.dtype) * 2 - 1
-            else:
-                l = (torch.special.ndtr(noise) * 2 - 1).to(h.dtype)
-        elif policy == "grid":
-            l = self.grid[t].to(h.dtype).expand(h.shape[0], 2)
-        else:  # centre
-            l = h.new_zeros(h.shape[0], 2)
-        return l, h.new_zeros(h.shape[0]), l
+        return x * self.pixel_std + self.pixel_mean
 
     def forward(self, x, keep_patches=False, every_step=True, noise=None, paths=1):
         """Roll out all glimpses over a batch.
@@ -139,7 +108,7 @@ class RecurrentAttention(nn.Module):
         h = x.new_zeros(paths * x.shape[0], cfg.hidden_size)  # (paths*B, hidden)
         states, locations, means, log_pis, baselines, patches = [], [], [], [], [], []
         for t in range(cfg.num_glimpses):
-            l, log_pi, mu = self._choose_location(h, t, None if noise is None else noise[t])
+            l, log_pi, mu = self.locator(h, t, None if noise is None else noise[t])
             baselines.append(self.baseline(h, t))  # value of the state the choice was made in
             phi = self.retina(prepared, l)  # (paths*B, k, C, g, g)
             h = self.core(self.glimpse(phi, l), h)  # (paths*B, hidden)

@@ -43,6 +43,7 @@ class ModelConfig:
     reward: str = "sum"
     baseline: str = "shared"
     probe_input: str = "summed"
+    policy_input: str = "state"
     pixel_mean: tuple = CIFAR10_MEAN
     pixel_std: tuple = CIFAR10_STD
 
@@ -62,7 +63,7 @@ class ModelConfig:
             raise ValueError(
                 f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         for name, choices in (("reward", REWARDS), ("baseline", BASELINES),
-                              ("probe_input", PROBE_INPUTS)):
+                              ("probe_input", PROBE_INPUTS), ("policy_input", POLICY_INPUTS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name} must be one of {', '.join(choices)}, "
                                  f"got {getattr(self, name)!r}")
@@ -94,11 +95,11 @@ class ModelConfig:
         return self.num_channels * self.image_size**2
 
 
-POLICIES = ("learned", "random", "centre", "grid")
 OBJECTIVES = ("unsupervised", "supervised")
 REWARDS = ("sum", "gain")  # how the unsupervised objective pays a glimpse: see compute_losses
 BASELINES = ("shared", "per_step")
 PROBE_INPUTS = ("summed", "last")
+POLICY_INPUTS = ("state", "state_step")
 
 
 def location_to_pixels(l, image_size):
@@ -278,17 +279,22 @@ class CoreNetwork(nn.Module):
 
 
 class LocationNetwork(nn.Module):
-    """Gaussian policy over the next location, with a fixed standard deviation.
+    """The learned policy: Gaussian over the next location, with a fixed standard deviation.
 
-    mu = tanh(W_2 relu(W_1 h_t)),   l ~ N(mu, std^2 I),   l_used = clamp(l, -1, 1)
+    mu = tanh(W_2 relu(W_1 h_t [+ e_t])),   l ~ N(mu, std^2 I),   l_used = clamp(l, -1, 1)
+
+    With `policy_input=state_step` a learned vector e_t per glimpse index tells the policy
+    which glimpse it is placing. From the state alone it cannot: when a glimpse repeats the
+    last one, h barely changes, so the next mean is the same spot again (a fixed point).
 
     The state is detached, so the policy learns only through the REINFORCE term and never
     pushes gradient into the core. The sample is detached: it is an action, not a function
     of the weights. The log-probability is that of the raw sample; the clamp is treated as part
     of the environment, which keeps the score-function estimate unbiased.
 
-    Args of forward:
-        h: (B, hidden_size) state.
+    Every policy in POLICIES is called alike. Args of forward:
+        h: (B, hidden_size) state the choice is made in.
+        t: index of the glimpse being placed, 0 for the first.
         noise: (B, 2) standard normal draws to use instead of fresh ones, or None.
     Returns:
         l: (B, 2) detached location in [-1, 1].
@@ -302,9 +308,14 @@ class LocationNetwork(nn.Module):
         width = max(1, cfg.hidden_size // 2)
         self.fc = nn.Linear(cfg.hidden_size, width)
         self.fc_mu = nn.Linear(width, 2)
+        self.step = (nn.Embedding(cfg.num_glimpses, width) if cfg.policy_input == "state_step"
+                     else None)
 
-    def forward(self, h, noise=None):
-        mu = torch.tanh(self.fc_mu(F.relu(self.fc(h.detach()))))  # (B, 2)
+    def forward(self, h, t, noise=None):
+        hidden = self.fc(h.detach())  # (B, width)
+        if self.step is not None:
+            hidden = hidden + self.step.weight[t]
+        mu = torch.tanh(self.fc_mu(F.relu(hidden)))  # (B, 2)
         noise = torch.randn_like(mu) if noise is None else noise.to(mu.dtype)
         sample = (mu + self.std * noise).detach()  # (B, 2)
         # log N(sample; mu, std^2) per axis, summed; written out rather than through
@@ -313,6 +324,60 @@ class LocationNetwork(nn.Module):
         log_pi = (-0.5 * ((sample - mu) / self.std) ** 2
                   - math.log(self.std) - 0.5 * math.log(2 * math.pi)).sum(-1)  # (B,)
         return sample.clamp(-1.0, 1.0), log_pi, mu.detach()
+
+
+class FixedPolicy(nn.Module):
+    """A policy that does not learn, for ablations: l_t = place(h, t, noise), log pi = 0, mu = l_t.
+
+    A subclass says where glimpse t goes by defining `place(h, t, noise)` -> (B, 2) in
+    [-1, 1]; it has no weights, so nothing to train and no gradient. Called like
+    LocationNetwork, it returns (l, zeros (B,), l).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def forward(self, h, t, noise=None):
+        l = self.place(h, t, noise)  # (B, 2)
+        return l, h.new_zeros(h.shape[0]), l
+
+    def place(self, h, t, noise):
+        raise NotImplementedError
+
+
+class RandomPolicy(FixedPolicy):
+    """Every glimpse uniform over [-1, 1]^2: l = 2 Phi(noise) - 1 when standard normal noise is
+    given (Phi the normal CDF), a fresh uniform draw otherwise."""
+
+    def place(self, h, t, noise):
+        if noise is None:
+            return torch.rand(h.shape[0], 2, device=h.device, dtype=h.dtype) * 2 - 1
+        return (torch.special.ndtr(noise) * 2 - 1).to(h.dtype)
+
+
+class CentrePolicy(FixedPolicy):
+    """Every glimpse at the image's centre, l = (0, 0)."""
+
+    def place(self, h, t, noise):
+        return h.new_zeros(h.shape[0], 2)
+
+
+class GridPolicy(FixedPolicy):
+    """A fixed scan that covers the image: a raster of n x n cell centres, n = ceil(sqrt(T)),
+    row by row from the top left, glimpse t at the t-th. For 9 glimpses the centres are at
+    -2/3, 0 and +2/3 on each axis, and their 12 px patches tile a 32 px image."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        n = math.ceil(math.sqrt(cfg.num_glimpses))
+        centres = (2 * torch.arange(n, dtype=torch.float32) + 1) / n - 1  # (n,)
+        ys, xs = torch.meshgrid(centres, centres, indexing="ij")  # (n, n) each
+        grid = torch.stack([xs.flatten(), ys.flatten()], -1)[:cfg.num_glimpses]  # (T, 2)
+        self.register_buffer("grid", grid, persistent=False)
+
+    def place(self, h, t, noise):
+        return self.grid[t].to(h.dtype).expand(h.shape[0], 2)
 
 
 class BaselineNetwork(nn.Module):
@@ -475,3 +540,9 @@ class Decoder(nn.Module):
     def steps(self, h):
         """The output d_t of each step alone: (T, B, hidden_size) -> (T, B, C, H, W)."""
         return self.fc(h).view(*h.shape[:2], *self.shape)
+
+
+# --policy: the module that places the glimpses. A new fixed policy is a FixedPolicy subclass
+# with its `place`, and one entry here.
+POLICIES = {"learned": LocationNetwork, "random": RandomPolicy, "centre": CentrePolicy,
+            "grid": GridPolicy}

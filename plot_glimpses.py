@@ -19,17 +19,17 @@ Patch size, scale and count come from the data file, never from the folder's nam
 imported inside the drawing functions only, so training does not pay for it.
 """
 
-import argparse
 import math
 import os
 import re
 import sys
+import zipfile
 
 import numpy as np
 import torch
 
 from modules import location_to_pixels, patch_corners
-from utils import atomic_write
+from utils import OneLineParser, atomic_write
 
 DATA_FILE = re.compile(r"glimpses_epoch_(\d+)\.npz")
 
@@ -310,7 +310,8 @@ def write_gif(data, path):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
+        prog="plot_glimpses.py", allow_abbrev=False,
         description="Draw the glimpse sheet (PNG) and animation (GIF) of one epoch from the "
         "glimpses_epoch_<epoch>.npz that training wrote; they are written next to it.")
     p.add_argument("--plot_dir", required=True,
@@ -328,7 +329,12 @@ def main(argv=None):
         print(f"plot_glimpses.py: error: no glimpse data for epoch {args.epoch} in {where}; "
               f"epochs there: {epochs}", file=sys.stderr)
         return 2
-    data = load_glimpse_data(path)
+    try:
+        data = load_glimpse_data(path)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        print(f"plot_glimpses.py: error: {path} is not readable glimpse data ({e}); plot another "
+              "epoch, or train again to rewrite it", file=sys.stderr)
+        return 2
     stem = os.path.splitext(path)[0]
     print(write_sheet(data, stem + ".png"))
     print(write_gif(data, stem + ".gif"))

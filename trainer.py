@@ -3,33 +3,56 @@
 import json
 import math
 import os
-import pickle
-import random
 import time
-import zipfile
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
-from data_loader import set_epoch, to_float
+from checkpoints import (
+    CKPT_SUFFIX,
+    epochs_on_disk,
+    link_or_copy,
+    load_checkpoint,
+    load_weights,
+    rng_state,
+    set_rng_state,
+    to_bytes,
+)
+from config import TrainConfig, model_name
+from data_loader import to_float
 from model import LossWeights, RecurrentAttention, compute_losses, psnr
 from modules import ModelConfig
 from utils import (
     SINGLE_PROCESS,
     UserError,
+    WriteError,
     all_reduce,
     atomic_write,
     autocast,
     compile_model,
+    on_main,
+    progress,
+    remove_temporaries,
     seed_everything,
 )
 
-CKPT_SUFFIX = ".pth"
 NOISE_STRIDE = 1_000_003  # a prime above any split size: (seed, image) pairs never collide
+LOSS_TERMS = ("recon", "classify", "reinforce", "baseline", "total")  # compute_losses' keys
+
+# How a resumed run treats a flag that differs from its checkpoint's run: a refused change is
+# an error (why, below); any other is applied from now on, with a note (what it does, below).
+REFUSED_ON_RESUME = {
+    "random_seed": "it fixes the run's data order and evaluation noise",
+    "valid_size": "it would change the validation images and move some into training",
+}
+APPLIED_ON_RESUME = {
+    "init_lr": "the learning rate restarts at it",
+    "lr_patience": "the epochs without improvement counted so far still count",
+    "batch_size": "the epoch in progress goes on from its first image not yet trained on",
+}
+NOT_COMPARED = ("resume", "is_train", "best", "model_epoch")  # choose what to do, not how
 
 
 class NonFiniteLossError(Exception):
@@ -37,11 +60,12 @@ class NonFiniteLossError(Exception):
 
 
 class TrainingInterrupted(Exception):
-    """A stop was asked for (SIGINT, SIGTERM); `path` holds a checkpoint to resume from."""
+    """A stop was asked for (SIGINT, SIGTERM); `path` holds a checkpoint to resume from, taken
+    after `images` images of epoch `epoch` (0: at the end of that epoch)."""
 
-    def __init__(self, path, epoch, step):
+    def __init__(self, path, epoch, images):
         super().__init__(path)
-        self.path, self.epoch, self.step = path, epoch, step
+        self.path, self.epoch, self.images = path, epoch, images
 
 
 def make_optimizer(model, lr, device):
@@ -49,83 +73,91 @@ def make_optimizer(model, lr, device):
     return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
 
 
-def train_epoch(model, loader, optimizer, cfg, weights, device, epoch, print_freq=10,
-                amp=False, skip=0, should_stop=None, procs=SINGLE_PROCESS):
-    """One pass over `loader`. Returns the epoch's mean losses, accuracy and images per second
-    (summed over all processes), and `stopped_at`: the batches done if `should_stop()` ended
-    the epoch early.
+class EpochTally:
+    """An epoch's sums of the losses (each times its batch size) and of correct answers.
 
-    `model` may be the compiled or DistributedDataParallel module; it is called, never saved,
-    here. The first `skip` batches are passed over (resuming inside an epoch). Sums stay on the
-    device and are read once per `print_freq` batches, so the step never waits for the device.
-    Under torchrun the processes agree after every step on whether to stop and on whether every
-    loss is finite, so that they stop together instead of waiting on each other for ever.
+    They stay on the device: `running` reads them every --print_freq steps for the progress
+    bar, `metrics` once at the end.
     """
-    model.train()
-    sums, correct, seen, stopped_at = {}, 0, 0, None
-    start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False,
-               disable=not procs.is_main)
-    for step, (images, labels, _) in enumerate(bar, start=1):
-        if step <= skip:
-            continue
-        x, y = to_float(images, device), labels.to(device, non_blocking=True)
-        with autocast(device, amp):
-            out = model(x)
-            losses = compute_losses(out, y, cfg, weights)
-        stop = should_stop is not None and should_stop() and step < len(loader)
-        # The one read of a device value per step, on purpose: a NaN must stop the run before
-        # the optimizer writes it into the weights, and report the step where it appeared.
-        flags = torch.tensor([float(not torch.isfinite(losses["total"])), float(stop)],
-                             dtype=torch.float64)
-        bad, stop = all_reduce(flags, procs, dist.ReduceOp.MAX).tolist()
-        if bad:
-            raise NonFiniteLossError(f"the loss became {losses['total'].item()} at epoch "
-                                     f"{epoch}, step {step}; lower --init_lr or check the data")
-        optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        optimizer.step()
-        batch = y.shape[0]
-        for name, value in losses.items():
-            sums[name] = sums.get(name, 0.0) + value.detach() * batch
-        correct = correct + (out.log_probs.argmax(-1) == y).sum()
-        seen += batch
-        if step % print_freq == 0:
-            bar.set_postfix(loss=f"{sums['total'].item() / seen:.3f}",
-                            acc=f"{100 * correct.item() / seen:.1f}%")
-        if stop:
-            stopped_at = step
-            break
-    bar.close()
-    elapsed = time.perf_counter() - start
-    names = sorted(sums)
-    totals = all_reduce(torch.tensor([float(sums[n]) for n in names] + [float(correct), seen],
-                                     dtype=torch.float64), procs).tolist()
-    seen = max(totals[-1], 1)  # a resumed epoch may have had no batch left
-    metrics = {f"train_{name}": value / seen for name, value in zip(names, totals, strict=False)}
-    metrics["train_acc"] = 100.0 * totals[-2] / seen
-    metrics["train_images_per_s"] = seen / elapsed
-    metrics["stopped_at"] = stopped_at
-    return metrics
+
+    def __init__(self):
+        self.sums, self.correct, self.seen = dict.fromkeys(LOSS_TERMS, 0.0), 0, 0
+
+    def add(self, losses, correct, batch):
+        for name in LOSS_TERMS:
+            self.sums[name] = self.sums[name] + losses[name] * batch
+        self.correct = self.correct + correct
+        self.seen += batch
+
+    def running(self):
+        return {"loss": f"{float(self.sums['total']) / self.seen:.3f}",
+                "acc": f"{100 * float(self.correct) / self.seen:.1f}%"}
+
+    def metrics(self, procs, elapsed):
+        """Mean losses, accuracy and images per second over every process's steps."""
+        totals = all_reduce(torch.tensor([float(self.sums[n]) for n in LOSS_TERMS]
+                                         + [float(self.correct), self.seen],
+                                         dtype=torch.float64), procs).tolist()
+        seen = max(totals[-1], 1)  # a resumed epoch may have had no step left
+        metrics = {f"train_{name}": value / seen
+                   for name, value in zip(LOSS_TERMS, totals, strict=False)}
+        metrics["train_acc"] = 100.0 * totals[-2] / seen
+        metrics["train_images_per_s"] = seen / elapsed
+        return metrics
 
 
-def evaluation_noise(positions, num_glimpses, M, seed):
-    """Policy noise fixed per image: (T, M*B, 2), path m of image b at column m*B + b.
+class EvaluationNoise:
+    """Policy noise fixed per image: path m of image i is the m-th (T, 2) standard normal draw
+    of a generator seeded by `seed` and i (its position in the split).
 
-    Each image draws from a generator seeded by `seed` and its position in the split, so an
-    image gets the same M paths whatever batch or process evaluates it, and evaluation leaves
-    the training's random stream alone.
+    So an image gets the same M paths whatever batch, process or chunk of paths evaluates it,
+    and evaluation leaves the training's random stream alone.
     """
-    draws = [torch.randn(M, num_glimpses, 2,
-                         generator=torch.Generator().manual_seed(seed * NOISE_STRIDE + int(i)))
-             for i in positions]
-    noise = torch.stack(draws, 2)  # (M, T, B, 2)
-    return noise.transpose(0, 1).flatten(1, 2)  # (T, M*B, 2)
+
+    def __init__(self, positions, num_glimpses, seed):
+        self.num_glimpses = num_glimpses
+        self.generators = [torch.Generator().manual_seed(seed * NOISE_STRIDE + int(i))
+                           for i in positions]
+
+    def draw(self, paths):
+        """The next `paths` paths of every image: (T, paths*B, 2), path m of image b at
+        column m*B + b."""
+        draws = [torch.stack([torch.randn(self.num_glimpses, 2, generator=g)
+                              for g in self.generators], 1)  # (T, B, 2)
+                 for _ in range(paths)]
+        return torch.cat(draws, 1)  # (T, paths*B, 2)
+
+
+def evaluate_batch(model, x, positions, train_cfg: TrainConfig):
+    """The --M glimpse paths of every image of a batch, at most --eval_chunk images per pass.
+
+    Returns the class probabilities (B, classes) and the error of the final reconstruction
+    (B,), each averaged over the paths in float64, path after path, so that neither depends on
+    how the paths are chunked; and aims (T, B, 2), where the policy aimed on each image's first
+    path.
+    """
+    B, M = x.shape[0], train_cfg.M
+    noise = EvaluationNoise(positions, model.cfg.num_glimpses, train_cfg.random_seed)
+    per_pass = max(1, train_cfg.eval_chunk // B)
+    probs = errors = aims = None
+    for first in range(0, M, per_pass):
+        paths = min(per_pass, M - first)
+        with autocast(x.device, train_cfg.amp):
+            out = model(x, every_step=False, noise=noise.draw(paths).to(x.device),
+                        paths=paths)  # (paths*B, ...)
+        chunk_probs = out.log_probs.float().exp().view(paths, B, -1).double()  # (paths, B, K)
+        chunk_errors = out.errors[-1].view(paths, B).double()  # (paths, B)
+        for m in range(paths):
+            probs = chunk_probs[m] if probs is None else probs + chunk_probs[m]
+            errors = chunk_errors[m] if errors is None else errors + chunk_errors[m]
+        if aims is None:
+            aims = out.loc_means[:, :B]  # (T, B, 2), the first path
+    return probs / M, errors / M, aims
 
 
 @torch.no_grad()
-def evaluate(model, loader, M, device, amp=False, seed=0, procs=SINGLE_PROCESS):
-    """Accuracy, reconstruction MSE and PSNR over `loader`, with M sampled glimpse paths each.
+def evaluate(model, loader, train_cfg: TrainConfig, device, procs=SINGLE_PROCESS):
+    """Accuracy, reconstruction MSE and PSNR over `loader`, with --M sampled glimpse paths each.
 
     The class probabilities of the M paths are averaged before the argmax (as in RAM); the
     reconstruction error is the mean over paths of the error after the last glimpse, so it is
@@ -139,26 +171,16 @@ def evaluate(model, loader, M, device, amp=False, seed=0, procs=SINGLE_PROCESS):
     """
     model.eval()
     T = model.cfg.num_glimpses
-    correct, sq_err, seen = 0, 0.0, 0
-    aim_sum = torch.zeros(T, 2, dtype=torch.float64)
-    aim_sq = torch.zeros(T, 2, dtype=torch.float64)
+    # correct, summed squared error, images; then the aims' sums and sums of squares, (T, 2) each
+    sums = torch.zeros(3 + 4 * T, dtype=torch.float64)
     for images, labels, positions in loader:
         x, y = to_float(images, device), labels.to(device, non_blocking=True)
-        batch = y.shape[0]
-        noise = evaluation_noise(positions, T, M, seed).to(device)
-        with autocast(device, amp):
-            out = model(x, every_step=False, noise=noise, paths=M)  # (M*B, ...)
-        probs = out.log_probs.float().exp().view(M, batch, -1).mean(0)  # (B, classes)
-        correct = correct + (probs.argmax(-1) == y).sum()
-        errors = out.errors[-1].view(M, batch)
-        sq_err = sq_err + errors.mean(0).double().sum()  # errors: (M, B)
-        aims = out.loc_means[:, :batch].double().cpu()  # (T, B, 2), the first path
-        aim_sum += aims.sum(1)
-        aim_sq += aims.pow(2).sum(1)
-        seen += batch
-    totals = torch.cat([torch.tensor([float(correct), float(sq_err), seen], dtype=torch.float64),
-                        aim_sum.flatten(), aim_sq.flatten()])
-    totals = all_reduce(totals, procs)
+        probs, errors, aims = evaluate_batch(model, x, positions, train_cfg)
+        aims = aims.double().cpu()  # (T, B, 2)
+        counts = torch.tensor([float((probs.argmax(-1) == y).sum()), float(errors.sum()),
+                               len(y)], dtype=torch.float64)
+        sums += torch.cat([counts, aims.sum(1).flatten(), aims.pow(2).sum(1).flatten()])
+    totals = all_reduce(sums, procs)
     correct, sq_err, seen = totals[:3].tolist()
     aim_mean = totals[3:3 + 2 * T].view(T, 2) / seen
     aim_std = (totals[3 + 2 * T:].view(T, 2) / seen - aim_mean.pow(2)).clamp_(min=0).sqrt()
@@ -168,73 +190,13 @@ def evaluate(model, loader, M, device, amp=False, seed=0, procs=SINGLE_PROCESS):
             "loc_std": aim_std.tolist()}
 
 
-def rng_state():
-    """Every random stream, as tensors and plain values (loadable with weights_only=True)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def epochs_on_disk(folder):
-    """Sorted epoch numbers of the numbered checkpoints in `folder`."""
-    if not os.path.isdir(folder):
-        return []
-    found = []
-    for name in os.listdir(folder):
-        stem = name[: -len(CKPT_SUFFIX)] if name.endswith(CKPT_SUFFIX) else ""
-        if stem.startswith("epoch_") and stem[6:].isdigit():
-            found.append(int(stem[6:]))
-    return sorted(found)
-
-
-def link_or_copy(src, dst):
-    """Make `dst` hold the same bytes as `src`, atomically: a hard link where the file system
-    allows one (free and instant), a copy otherwise."""
-    tmp = f"{dst}.link.tmp"
-    if os.path.lexists(tmp):
-        os.remove(tmp)
-    try:
-        os.link(src, tmp)
-        os.replace(tmp, dst)
-    except OSError:
-        with open(src, "rb") as f:
-            data = f.read()
-        atomic_write(dst, lambda out: out.write(data))
-
-
-def load_checkpoint(path):
-    """Read a checkpoint safely (weights_only: tensors and plain values, no code)."""
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, whole or not at all
-        raise UserError(f"{path} is not a readable checkpoint (truncated, or another kind of "
-                        "file); use another epoch or retrain")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path} is not a readable checkpoint: it holds objects other than "
-                        "tensors and plain values, refused since loading them could run code; "
-                        "use a checkpoint written by this project") from None
-    except Exception as e:  # a damaged archive
-        raise UserError(f"{path} is not a readable checkpoint (damaged: {type(e).__name__}); "
-                        "use another epoch or retrain") from None
-    if not isinstance(ckpt, dict) or not {"model", "model_config", "epoch"} <= ckpt.keys():
-        raise UserError(f"{path} is not a checkpoint of this project; use another file")
-    return ckpt
+def resume_changes(ckpt, train_cfg: TrainConfig, weights: LossWeights):
+    """(flag, the run's value, the new value) for every flag that differs from the run's."""
+    changes = [(f.name, ckpt["train_config"].get(f.name), getattr(train_cfg, f.name))
+               for f in fields(train_cfg) if f.name not in NOT_COMPARED]
+    changes += [(name, ckpt["loss_weights"].get(name), value)
+                for name, value in asdict(weights).items()]
+    return [(name, old, new) for name, old, new in changes if old != new]
 
 
 class Trainer:
@@ -243,34 +205,31 @@ class Trainer:
     Args:
         cfg: the model's configuration.
         weights: loss weights.
-        args: the parsed flags (training and output options).
-        name: the model's name; outputs go to <ckpt_dir>/<name>/ and so on.
+        train_cfg: the training, data and output options.
         device: where the model runs.
         procs: this process's place in a torchrun job; only rank 0 writes files.
+    Outputs go to <ckpt_dir>/<name>/ and so on, `name` given by config.model_name.
     """
 
-    def __init__(self, cfg: ModelConfig, weights: LossWeights, args, name, device,
+    def __init__(self, cfg: ModelConfig, weights: LossWeights, train_cfg: TrainConfig, device,
                  procs=SINGLE_PROCESS):
-        self.cfg, self.weights, self.args, self.name, self.device = cfg, weights, args, name, device
-        self.procs = procs
-        self.ckpt_folder = os.path.join(args.ckpt_dir, name)
+        self.cfg, self.weights, self.train_cfg = cfg, weights, train_cfg
+        self.device, self.procs = device, procs
+        self.name = model_name(cfg)
+        self.ckpt_folder = os.path.join(train_cfg.ckpt_dir, self.name)
         self.model = RecurrentAttention(cfg).to(device)
         # What the loops call; checkpoints always hold the plain module's weights, so they
-        # load alike with or without torchrun. The fixed policies leave the locator unused.
+        # load alike with or without torchrun.
         wrapped = self.model
         if procs.distributed:
             wrapped = DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=cfg.policy != "learned")
-        self.step_model = compile_model(wrapped, device) if args.compile else wrapped
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.step_model = compile_model(wrapped, device) if train_cfg.compile else wrapped
         # Evaluation needs no gradient exchange: each process runs its share on the module.
-        self.eval_model = compile_model(self.model, device) if args.compile else self.model
-        self.optimizer = make_optimizer(self.model, args.init_lr, device)
+        self.eval_model = compile_model(self.model, device) if train_cfg.compile else self.model
+        self.optimizer = make_optimizer(self.model, train_cfg.init_lr, device)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="max", factor=0.1, patience=args.lr_patience)
-        self.generator = torch.Generator().manual_seed(args.random_seed)  # data order
-        self.data_state = self.generator.get_state()  # at the start of the epoch in progress
-        self.step_in_epoch = 0  # batches of that epoch already trained on
+            self.optimizer, mode="max", factor=0.1, patience=train_cfg.lr_patience)
         self.epoch = 0
         self.best_valid_acc = -math.inf
         self.epochs_since_best = 0
@@ -286,7 +245,7 @@ class Trainer:
         dist.all_gather_object(states, state)
         return states
 
-    def state(self, rng):
+    def state(self, rng, loader_state):
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -296,40 +255,61 @@ class Trainer:
             "epochs_since_best": self.epochs_since_best,
             "model_config": asdict(self.cfg),
             "loss_weights": asdict(self.weights),
-            "data_generator": self.data_state,
-            "step_in_epoch": self.step_in_epoch,
+            "train_config": asdict(self.train_cfg),
+            "loader": loader_state,
             "rng": rng,
         }
 
-    def save(self, is_best):
+    def _write_on_main(self, write):
+        """Rank 0 alone writes, into the run folder; if it fails, every process raises
+        WriteError."""
+        def in_folder():
+            os.makedirs(self.ckpt_folder, exist_ok=True)
+            write()
+        on_main(self.procs, in_folder, WriteError, f"rank 0 could not write to {self.ckpt_folder}")
+
+    def save(self, is_best, loader_state):
         """Write latest.pth atomically, then point epoch_N.pth (every --ckpt_freq, whole epochs
         only) and best.pth at the same bytes. A crash at any moment leaves each file either old
-        or new, whole. Weights that are not finite are never written. Every process calls it;
-        rank 0 alone writes. Returns the path of latest.pth."""
+        or new, whole; a failed write (a full disk) raises WriteError and leaves the files as
+        they were. Weights that are not finite are never written. Every process calls it; rank
+        0 alone writes. Returns the path of latest.pth."""
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise NonFiniteLossError(f"the weights became NaN or infinite in epoch "
-                                     f"{self.epoch + (self.step_in_epoch > 0)}; not saved")
+                                     f"{self.epoch + (loader_state['images_seen'] > 0)}; "
+                                     "not saved")
         latest = os.path.join(self.ckpt_folder, "latest" + CKPT_SUFFIX)
-        rng = self.gathered_rng()
-        if not self.procs.is_main:
-            return latest
-        os.makedirs(self.ckpt_folder, exist_ok=True)
-        state = self.state(rng)
-        atomic_write(latest, lambda f: torch.save(state, f))
-        if self.step_in_epoch == 0 and self.epoch % self.args.ckpt_freq == 0:
-            link_or_copy(latest, os.path.join(self.ckpt_folder, f"epoch_{self.epoch}{CKPT_SUFFIX}"))
-        if is_best:
-            link_or_copy(latest, os.path.join(self.ckpt_folder, "best" + CKPT_SUFFIX))
+        state = self.state(self.gathered_rng(), loader_state)
+        whole_epoch = loader_state["images_seen"] == 0
+
+        def write():
+            data = to_bytes(state)
+            atomic_write(latest, lambda f: f.write(data))
+            if whole_epoch and self.epoch % self.train_cfg.ckpt_freq == 0:
+                link_or_copy(latest, os.path.join(self.ckpt_folder,
+                                                  f"epoch_{self.epoch}{CKPT_SUFFIX}"))
+            if is_best:
+                link_or_copy(latest, os.path.join(self.ckpt_folder, "best" + CKPT_SUFFIX))
+
+        self._write_on_main(write)
         return latest
 
     def save_config(self):
-        if not self.procs.is_main:
-            return
-        os.makedirs(self.ckpt_folder, exist_ok=True)
         text = json.dumps({"model_config": asdict(self.cfg), "loss_weights": asdict(self.weights),
-                           "flags": vars(self.args)}, indent=2, sort_keys=True)
+                           "train_config": asdict(self.train_cfg)}, indent=2, sort_keys=True)
         path = os.path.join(self.ckpt_folder, "config.json")
-        atomic_write(path, lambda f: f.write(text.encode()))
+        self._write_on_main(lambda: atomic_write(path, lambda f: f.write(text.encode())))
+
+    def claim_folder(self):
+        """Before training, holding the folder's RunLock: a new run refuses to overwrite the
+        checkpoints of another, and what writes killed mid-way left behind is removed."""
+        if not self.train_cfg.resume and os.path.exists(
+                os.path.join(self.ckpt_folder, "latest" + CKPT_SUFFIX)):
+            raise UserError(f"{self.ckpt_folder} already holds a run's checkpoints; continue "
+                            "it with --resume=True, or start a new run elsewhere (another "
+                            "--ckpt_dir, or remove that folder first)")
+        if self.procs.is_main:
+            remove_temporaries(self.ckpt_folder)
 
     def checkpoint_path(self, model_epoch=None, best=True):
         if model_epoch is not None:
@@ -346,8 +326,8 @@ class Trainer:
                             "--ckpt_dir and the model flags")
         return path
 
-    def load(self, path, resume=False):
-        """Load weights (and with `resume`, the whole training state) from `path`."""
+    def load(self, path):
+        """Load the weights and epoch of the checkpoint at `path`; returns the checkpoint."""
         ckpt = load_checkpoint(path)
         saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_config"].items()}
         differing = [f"{k}: checkpoint {saved.get(k)!r}, flags {v!r}"
@@ -355,23 +335,58 @@ class Trainer:
         if differing:
             raise UserError(f"{path} was trained with another model configuration "
                             f"({'; '.join(differing)}); pass the same flags")
-        self.model.load_state_dict(ckpt["model"])
+        load_weights(self.model, ckpt["model"], path)
         self.epoch = ckpt["epoch"]
-        if resume:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
-            self.best_valid_acc = ckpt["best_valid_acc"]
-            self.epochs_since_best = ckpt["epochs_since_best"]
-            self.data_state = ckpt["data_generator"]
-            self.step_in_epoch = ckpt["step_in_epoch"]
-            if len(ckpt["rng"]) == self.procs.world_size:
-                set_rng_state(ckpt["rng"][self.procs.rank])
-            else:  # saved by another number of processes: new streams, still from the seed
-                seed_everything(self.args.random_seed + self.procs.rank + 7919 * self.epoch)
-                if self.procs.is_main:
-                    print(f"note: {path} was saved by {len(ckpt['rng'])} process(es), this run "
-                          f"has {self.procs.world_size}; random streams restart from the seed")
         return ckpt
+
+    def resume(self, path, train_loader):
+        """Load the whole training state from `path`, the train loader's position included.
+        Flags that differ from the run's are refused or applied, one line each (see
+        REFUSED_ON_RESUME); returns the loader's position."""
+        ckpt = self.load(path)
+        if not {"train_config", "loader"} <= ckpt.keys():
+            raise UserError(f"{path} was written by an older version of this project: it can be "
+                            "tested (--is_train=false) but not resumed; start a new run")
+        changes = resume_changes(ckpt, self.train_cfg, self.weights)
+        self._refuse(path, changes)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self._apply(changes)
+        self.best_valid_acc = ckpt["best_valid_acc"]
+        self.epochs_since_best = ckpt["epochs_since_best"]
+        train_loader.load_state_dict(ckpt["loader"])
+        self._restore_rng(path, ckpt["rng"])
+        return ckpt["loader"]
+
+    def _refuse(self, path, changes):
+        for name, old, new in changes:
+            if name in REFUSED_ON_RESUME:
+                raise UserError(f"--{name}={new} differs from the {old} of the run in {path}, "
+                                f"and {REFUSED_ON_RESUME[name]}; pass --{name}={old} to resume, "
+                                "or start a new run")
+        if self.epoch >= self.train_cfg.epochs:
+            raise UserError(f"{path} has trained {self.epoch} epochs already and --epochs="
+                            f"{self.train_cfg.epochs}; pass a larger --epochs to train on")
+
+    def _apply(self, changes):
+        """Make the optimizer and scheduler follow the new flags; say what changed."""
+        for name, old, new in changes:
+            if name == "init_lr":
+                for group in self.optimizer.param_groups:
+                    group["lr"] = new
+            elif name == "lr_patience":
+                self.scheduler.patience = new
+            print_main(self.procs, f"note: --{name}={new} (the run had {old}) is applied; "
+                       + APPLIED_ON_RESUME.get(name, "it holds from now on"))
+
+    def _restore_rng(self, path, states):
+        if len(states) == self.procs.world_size:
+            set_rng_state(states[self.procs.rank])
+            return
+        # Saved by another number of processes: new streams, still from the seed.
+        seed_everything(self.train_cfg.random_seed + self.procs.rank + 7919 * self.epoch)
+        print_main(self.procs, f"note: {path} was saved by {len(states)} process(es), this run "
+                   f"has {self.procs.world_size}; random streams restart from the seed")
 
     def _share_buffers(self):
         """Give every process rank 0's buffers (BatchNorm statistics) before evaluating: DDP
@@ -382,61 +397,104 @@ class Trainer:
 
     # ---------------------------------------------------------------- loops
 
+    def _step(self, images, labels, step, should_stop):
+        """One optimizer step on a batch. Returns its detached losses, its correct answers and
+        whether to stop after it (every process agrees)."""
+        x, y = to_float(images, self.device), labels.to(self.device, non_blocking=True)
+        with autocast(self.device, self.train_cfg.amp):
+            out = self.step_model(x)
+            losses = compute_losses(out, y, self.cfg, self.weights)
+        # The one read of a device value per step, on purpose: a NaN must stop the run before
+        # the optimizer writes it into the weights, and report the step where it appeared.
+        flags = torch.tensor([float(not torch.isfinite(losses["total"])), float(should_stop())],
+                             dtype=torch.float64)
+        bad, stop = all_reduce(flags, self.procs, dist.ReduceOp.MAX).tolist()
+        if bad:
+            raise NonFiniteLossError(f"the loss became {losses['total'].item()} at epoch "
+                                     f"{self.epoch + 1}, step {step}; lower --init_lr or check "
+                                     "the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        self.optimizer.step()
+        correct = (out.log_probs.argmax(-1) == y).sum()
+        return {name: value.detach() for name, value in losses.items()}, correct, bool(stop)
+
+    def train_epoch(self, train_loader, should_stop):
+        """Train on the current epoch of `train_loader`, from where its state says, to its end
+        or until `should_stop()` turns true. Returns the metrics of the steps taken (over every
+        process) and whether a stop ended them."""
+        self.model.train()
+        tally, stopped, start = EpochTally(), False, time.perf_counter()
+        bar = progress(train_loader.epoch(self.epoch), self.procs, desc=f"epoch {self.epoch + 1}",
+                       unit="batch", leave=False)
+        for step, (images, labels, _) in enumerate(bar, start=1):
+            losses, correct, stopped = self._step(images, labels, step, should_stop)
+            tally.add(losses, correct, labels.shape[0])
+            if step % self.train_cfg.print_freq == 0:
+                bar.set_postfix(tally.running())
+            if stopped:
+                break
+        bar.close()
+        return tally.metrics(self.procs, time.perf_counter() - start), stopped
+
+    def validate(self, valid_loader, metrics):
+        """Evaluate after an epoch and count it for the scheduler and early stopping. Returns
+        whether it is the best epoch so far, and `metrics` with the validation figures."""
+        self._share_buffers()
+        valid = evaluate(self.eval_model, valid_loader, self.train_cfg, self.device, self.procs)
+        metrics = {**metrics, **{f"valid_{k}": v for k, v in valid.items()
+                                 if k not in ("loc_mean", "loc_std")}}
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step(valid["acc"])
+        is_best = valid["acc"] > self.best_valid_acc
+        if is_best:
+            self.best_valid_acc, self.epochs_since_best = valid["acc"], 0
+        else:
+            self.epochs_since_best += 1
+        return is_best, metrics
+
+    def _patience_ran_out(self):
+        if self.epochs_since_best < self.train_cfg.train_patience:
+            return False
+        print_main(self.procs, "stopping early: no better validation accuracy in "
+                   f"{self.train_cfg.train_patience} epochs")
+        return True
+
     def fit(self, train_loader, valid_loader, writer=None, on_epoch_end=None, should_stop=None):
         """Train until --epochs or until --train_patience epochs bring no better accuracy.
 
         `should_stop()` is asked after every step: when it turns true, a checkpoint of the state
         right then is written (inside an epoch, if need be) and TrainingInterrupted is raised.
         """
-        args = self.args
         should_stop = should_stop or (lambda: False)
         self.save_config()
-        while self.epoch < args.epochs:
-            if self.epochs_since_best >= args.train_patience:
-                print_main(self.procs, "stopping early: no better validation accuracy in "
-                           f"{args.train_patience} epochs")
-                break
+        while self.epoch < self.train_cfg.epochs and not self._patience_ran_out():
             start = time.perf_counter()
-            self.generator.set_state(self.data_state)  # same order as an uninterrupted run
-            set_epoch(train_loader, self.epoch)
-            metrics = train_epoch(self.step_model, train_loader, self.optimizer,
-                                  self.cfg, self.weights, self.device, self.epoch + 1,
-                                  args.print_freq, args.amp, self.step_in_epoch, should_stop,
-                                  self.procs)
-            stopped_at = metrics.pop("stopped_at")
-            if stopped_at is not None:
-                self.step_in_epoch = stopped_at
-                raise TrainingInterrupted(self.save(is_best=False), self.epoch + 1, stopped_at)
+            metrics, stopped = self.train_epoch(train_loader, should_stop)
+            position = train_loader.state_dict()
+            if stopped and position["epoch"] == self.epoch:  # inside the epoch
+                raise TrainingInterrupted(self.save(False, position), self.epoch + 1,
+                                          position["images_seen"])
             self.epoch += 1
-            self.step_in_epoch = 0
-            self.data_state = self.generator.get_state()
-            self._share_buffers()
-            valid = evaluate(self.eval_model, valid_loader, args.M, self.device, args.amp,
-                             args.random_seed, self.procs)
-            metrics.update({f"valid_{k}": v for k, v in valid.items()
-                            if k not in ("loc_mean", "loc_std")})
-            metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-            self.scheduler.step(valid["acc"])
-            is_best = valid["acc"] > self.best_valid_acc
-            if is_best:
-                self.best_valid_acc, self.epochs_since_best = valid["acc"], 0
-            else:
-                self.epochs_since_best += 1
-            path = self.save(is_best)
+            is_best, metrics = self.validate(valid_loader, metrics)
+            path = self.save(is_best, position)
             if on_epoch_end is not None and self.procs.is_main:
                 on_epoch_end(self)
             metrics["epoch_s"] = time.perf_counter() - start
-            print_main(self.procs, format_epoch(self.epoch, args.epochs, metrics, is_best))
-            if writer is not None:
-                for key, value in metrics.items():
-                    writer.add_scalar(key, value, self.epoch)
-                writer.flush()
+            self.report(metrics, is_best, writer)
             if should_stop():
                 raise TrainingInterrupted(path, self.epoch, 0)
 
+    def report(self, metrics, is_best, writer):
+        """The epoch's line on stdout, and its scalars in TensorBoard when `writer` is given."""
+        print_main(self.procs, format_epoch(self.epoch, self.train_cfg.epochs, metrics, is_best))
+        if writer is not None:
+            for key, value in metrics.items():
+                writer.add_scalar(key, value, self.epoch)
+            writer.flush()
+
     def test(self, test_loader):
-        return evaluate(self.eval_model, test_loader, self.args.M, self.device, self.args.amp,
-                        self.args.random_seed, self.procs)
+        return evaluate(self.eval_model, test_loader, self.train_cfg, self.device, self.procs)
 
 
 def print_main(procs, text):

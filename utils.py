@@ -1,7 +1,13 @@
 """Small helpers shared by the entry point, the trainer and the data loader."""
 
+import argparse
+import contextlib
+import errno
+import fcntl
 import os
 import random
+import socket
+import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -9,10 +15,27 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 
 class UserError(Exception):
     """A problem the user can fix; main.py prints it as one line and exits with code 2."""
+
+
+class WriteError(OSError):
+    """A file could not be written (a full disk, ...); the file it was to replace is intact.
+    Its message is one line naming the file; `errno` is the original error's."""
+
+    def __init__(self, message, errno=None):
+        super().__init__(message)
+        self.errno = errno
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage dump) with exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def str2bool(text):
@@ -74,22 +97,30 @@ def all_reduce(values, procs, op=None):
     return values
 
 
+def _mps_available():
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def pick_device(name):
-    """'auto' picks CUDA, then MPS, then the CPU; anything else is passed to torch.device."""
+    """'auto' picks CUDA, then MPS, then the CPU; otherwise cpu, cuda, cuda:N or mps, checked
+    to exist here."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("mps" if _mps_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device={name} is not a device; use auto, cpu, cuda, cuda:N or mps") \
-            from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device={name} is not a device this project runs on; use auto, cpu, "
+                        "cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device={name} but CUDA is not available here; use --device=cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device={name} but this machine has {torch.cuda.device_count()} CUDA "
+                        f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not _mps_available():
         raise UserError(f"--device={name} but MPS is not available here; use --device=cpu")
     return device
 
@@ -157,11 +188,18 @@ def compile_model(module, device):
 def atomic_write(path, write):
     """Write a file so that a crash at any moment leaves either the old file or the new one.
 
-    `write(f)` fills a temporary file in the same folder; it is flushed, fsynced and renamed
-    over `path`, and the folder is fsynced so the rename itself survives a power cut.
+    `write(f)` fills a temporary file `.<name>.*.tmp` in the same folder; it is flushed, fsynced
+    and renamed over `path`, and the folder is fsynced so the rename itself survives a power
+    cut. Any OSError on the way (a full disk) removes the temporary and is raised as a
+    WriteError; a process killed outright leaves the temporary, which `remove_temporaries`
+    deletes.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+                                   suffix=".tmp")
+    except OSError as e:
+        raise WriteError(write_failure(path, e), e.errno) from None
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -171,15 +209,100 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(write_failure(path, e), e.errno) from None
         raise
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_failure(path, error):
+    """One line for an OSError met while writing `path`: a full disk is named as such."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full (errno {error.errno}) writing {path}"
+    return f"could not write {path} ({error.strerror or error}, errno {error.errno})"
+
+
+def remove_temporaries(folder):
+    """Delete what atomic writes that were killed mid-way left in `folder` (`.<name>.*.tmp`).
+    Only safe while no other process writes there: call it holding the folder's RunLock."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name.startswith(".") and name.endswith(".tmp"):
+            os.remove(os.path.join(folder, name))
+
+
+class RunLock:
+    """An exclusive claim on a run folder, so that two runs never write the same checkpoints.
+
+    The file `run.lock` in the folder names the holder (PID and host). The lock itself is
+    flock(2) on an open descriptor: the kernel drops it when the process ends in any way,
+    kill -9 included, so a crash never leaves a stale lock. (flock may not lock across machines
+    on some network file systems.)
+    """
+
+    NAME = "run.lock"
+
+    def __init__(self, folder):
+        self.folder, self.fd = folder, None
+
+    def acquire(self):
+        os.makedirs(self.folder, exist_ok=True)
+        fd = os.open(os.path.join(self.folder, self.NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "a process"
+            os.close(fd)
+            raise UserError(f"{self.folder} is in use by another run ({holder}); wait for it to "
+                            "end, or pass another --ckpt_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self.fd = fd
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def on_main(procs, action, errors, elsewhere):
+    """Run `action()` on rank 0 alone. If it raises one of `errors`, every process raises, so
+    that all stop together: rank 0 its error, the others `errors(elsewhere)`."""
+    error = None
+    if procs.is_main:
+        try:
+            action()
+        except errors as e:
+            error = e
+    failed = torch.tensor([float(error is not None)], dtype=torch.float64)
+    if all_reduce(failed, procs, dist.ReduceOp.MAX).item():
+        raise error or errors(elsewhere)
+
+
+@contextlib.contextmanager
+def run_lock(folder, procs):
+    """Hold `folder`'s RunLock for the block; under torchrun rank 0 holds it for all."""
+    lock = RunLock(folder)
+    on_main(procs, lock.acquire, UserError, f"rank 0 could not lock {folder}")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def progress(iterable, procs, **kwargs):
+    """A tqdm progress bar over `iterable`, drawn only on rank 0 and only when stderr is a
+    terminal: in a log file its redraws would pile up as noise."""
+    shown = procs.is_main and sys.stderr.isatty()
+    return tqdm(iterable, disable=not shown, **kwargs)
 
 
 def check_writable(folder, flag):

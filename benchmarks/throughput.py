@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from config import build_parser, loss_weights, model_config  # noqa: E402
 from model import RecurrentAttention, compute_losses  # noqa: E402
-from trainer import autocast, make_optimizer  # noqa: E402
-from utils import UserError, compile_model, pick_device  # noqa: E402
+from trainer import make_optimizer  # noqa: E402
+from utils import UserError, autocast, compile_model, pick_device  # noqa: E402
 
 WINDOWS = 3
 WARMUP_STEPS = 5
@@ -48,7 +48,9 @@ def rate(run, images_per_call, seconds, device):
     return statistics.median(rates)
 
 
-def main(argv=None):
+def parse(argv):
+    """The flags of main.py and the benchmark's own; returns them, the model config and the
+    device, or exits with a one-line error."""
     parser = build_parser()
     parser.prog = "throughput.py"
     bench = parser.add_argument_group("benchmark")
@@ -58,13 +60,14 @@ def main(argv=None):
                        help="torch intra-op threads on the CPU")
     args = parser.parse_args(argv)
     try:
-        cfg = model_config(args)
-        device = pick_device(args.device)
+        return args, model_config(args), pick_device(args.device)
     except UserError as e:
         parser.error(str(e))
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.random_seed)
 
+
+def steps(args, cfg, device):
+    """The model, and the three things measured on random data of CIFAR-10's shape: a
+    training step, an evaluation pass (one path, final image only) and the sensor's glimpses."""
     model = RecurrentAttention(cfg).to(device)
     step_model = compile_model(model, device) if args.compile else model
     optimizer = make_optimizer(model, args.init_lr, device)
@@ -72,6 +75,7 @@ def main(argv=None):
     B = args.batch_size
     x = torch.rand(B, cfg.num_channels, cfg.image_size, cfg.image_size, device=device)
     y = torch.randint(0, cfg.num_classes, (B,), device=device)
+    locations = torch.rand(cfg.num_glimpses, B, 2, device=device) * 2 - 1
 
     def train_step():
         with autocast(device, args.amp):
@@ -86,14 +90,21 @@ def main(argv=None):
         with autocast(device, args.amp):
             step_model(x, every_step=False)
 
-    locations = torch.rand(cfg.num_glimpses, B, 2, device=device) * 2 - 1
-
     @torch.no_grad()
     def sensor_step():
         prepared = model.retina.prepare(x)
         for l in locations:
             model.retina(prepared, l)
 
+    return model, train_step, eval_step, sensor_step
+
+
+def main(argv=None):
+    args, cfg, device = parse(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.random_seed)
+    model, train_step, eval_step, sensor_step = steps(args, cfg, device)
+    B = args.batch_size
     counter = FlopCounterMode(display=False)
     with counter:
         train_step()

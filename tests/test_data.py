@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 import data_loader
-from data_loader import load_cifar10, train_valid_split
-from utils import UserError
+from data_loader import Batching, load_cifar10, make_loader, train_valid_split
+from utils import SINGLE_PROCESS, Procs, UserError
 
 
 def test_torchvision_layout_round_trips_images_and_labels(tiny_cifar):
@@ -99,21 +99,88 @@ def test_split_is_fixed_disjoint_and_complete():
 
 def test_batches_are_uint8_until_they_reach_the_device(tiny_cifar):
     data_dir, written = tiny_cifar
-    train, valid = data_loader.cifar10_loaders(str(data_dir), 32, 0.1)
+    train, valid = data_loader.cifar10_loaders(str(data_dir), 0.1, Batching(32))
     images, labels, positions = next(iter(valid))
     assert images.dtype == torch.uint8 and images.shape == (20, 3, 32, 32)
     x = data_loader.to_float(images, torch.device("cpu"))
     assert x.min() >= 0 and x.max() <= 1
     assert positions.tolist() == list(range(20))
-    assert sum(len(y) for _, y, _ in train) == 180
+    assert sum(len(y) for _, y, _ in train.epoch(0)) == 180
 
 
-def test_loading_batches_leaves_the_policy_random_stream_alone(tiny_cifar):
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_loading_batches_leaves_the_policy_random_stream_alone(tiny_cifar, num_workers):
     data_dir, _ = tiny_cifar
-    train, valid = data_loader.cifar10_loaders(str(data_dir), 7, 0.1,
-                                               generator=torch.Generator().manual_seed(1))
+    train, valid = data_loader.cifar10_loaders(str(data_dir), 0.1,
+                                               Batching(7, seed=1, num_workers=num_workers))
     before = torch.get_rng_state()
-    for loader in (train, valid):
-        for _ in loader:
+    for batches in (train.epoch(0), valid, train.epoch(1)):
+        for _ in batches:
             pass
     assert torch.equal(before, torch.get_rng_state())
+
+
+def positions_of(batches):
+    return torch.cat([positions for _, _, positions in batches]).tolist()
+
+
+def loader(n, batch_size, seed=3, procs=SINGLE_PROCESS, num_workers=0):
+    images = np.zeros((n, 32, 32, 3), np.uint8)
+    return make_loader(images, np.zeros(n, np.uint8),
+                       Batching(batch_size, seed, num_workers, procs=procs), shuffle=True)
+
+
+def test_epoch_order_depends_on_the_seed_and_epoch_alone():
+    first = positions_of(loader(50, 8).epoch(0))
+    assert sorted(first) == list(range(50))
+    assert positions_of(loader(50, 8).epoch(0)) == first  # no hidden state
+    assert positions_of(loader(50, 8, num_workers=1).epoch(0)) == first
+    assert positions_of(loader(50, 8).epoch(1)) != first
+    assert positions_of(loader(50, 8, seed=4).epoch(0)) != first
+
+
+def test_a_last_batch_of_one_image_is_dropped():
+    assert [len(y) for _, y, _ in loader(17, 8).epoch(0)] == [8, 8]
+    assert [len(y) for _, y, _ in loader(18, 8).epoch(0)] == [8, 8, 2]
+
+
+def test_resumed_epoch_with_another_batch_size_trains_each_image_once():
+    stopped = loader(50, 8)
+    taken = []
+    for step, (_, _, positions) in enumerate(stopped.epoch(0), start=1):
+        taken += positions.tolist()
+        if step == 3:
+            break
+    state = stopped.state_dict()
+    assert (state["epoch"], state["images_seen"]) == (0, 24)
+    resumed = loader(50, 6)
+    resumed.load_state_dict(state)
+    rest = positions_of(resumed.epoch(0))
+    assert taken + rest == positions_of(loader(50, 8).epoch(0))
+    assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["images_seen"] == 0
+
+
+def test_processes_share_each_step_and_resume_by_images_seen():
+    """Two processes take the halves of each step of the one-process order; a stop after their
+    first step resumes in one process with the images they had not trained on."""
+    whole = positions_of(loader(52, 8).epoch(0))
+    ranks = [loader(52, 4, procs=Procs(rank, 2, rank)) for rank in (0, 1)]
+    steps = [list(r.epoch(0)) for r in ranks]
+    assert len(steps[0]) == len(steps[1])  # processes step in lockstep
+    assert steps[0][0][2].tolist() + steps[1][0][2].tolist() == whole[:8]
+    assert sorted(positions_of(steps[0]) + positions_of(steps[1])) == list(range(52))
+
+    ranks = [loader(52, 4, procs=Procs(rank, 2, rank)) for rank in (0, 1)]
+    for r in ranks:
+        next(iter(r.epoch(0)))
+    state = ranks[0].state_dict()
+    assert state["images_seen"] == 8 and ranks[1].state_dict() == state
+    alone = loader(52, 16)
+    alone.load_state_dict(state)
+    assert positions_of(alone.epoch(0)) == whole[8:]
+
+
+def test_resuming_another_training_split_is_refused():
+    state = loader(50, 8).state_dict()
+    with pytest.raises(UserError, match="--valid_size"):
+        loader(60, 8).load_state_dict(state)

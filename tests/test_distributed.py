@@ -7,11 +7,13 @@ import sys
 
 import torch
 
+from checkpoints import load_checkpoint
+from config import TrainConfig
 from conftest import ROOT, run_main
-from data_loader import cifar10_loaders
+from data_loader import Batching, cifar10_loaders
 from model import RecurrentAttention
 from modules import ModelConfig
-from trainer import evaluate, load_checkpoint
+from trainer import evaluate
 
 FLAGS = ["--batch_size=20", "--M=2", "--num_glimpses=3", "--hidden_size=32",
          "--glimpse_hidden=16", "--loc_hidden=16"]
@@ -35,7 +37,7 @@ def test_two_processes_train_log_once_and_agree_with_one(tiny_cifar, tmp_path):
     assert "x 2 processes" in done.stdout
     folder = tmp_path / "ckpt" / "ram_3_6x6_2"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "best.pth", "config.json", "epoch_1.pth", "latest.pth"]  # no stray temporaries
+        "best.pth", "config.json", "epoch_1.pth", "latest.pth", "run.lock"]  # no temporaries
     assert (tmp_path / "plots" / "ram_3_6x6_2" / "glimpses_epoch_1.npz").is_file()
 
     ckpt = load_checkpoint(str(folder / "epoch_1.pth"))
@@ -45,8 +47,8 @@ def test_two_processes_train_log_once_and_agree_with_one(tiny_cifar, tmp_path):
                          for k, v in ckpt["model_config"].items()})
     model = RecurrentAttention(cfg)
     model.load_state_dict(ckpt["model"])
-    _, valid = cifar10_loaders(str(data_dir), 7, 0.1)  # another batch size on purpose
-    m = evaluate(model, valid, M=2, device=torch.device("cpu"), seed=1)
+    _, valid = cifar10_loaders(str(data_dir), 0.1, Batching(7))  # another batch size on purpose
+    m = evaluate(model, valid, TrainConfig(M=2, random_seed=1), torch.device("cpu"))
     single = f"valid acc {m['acc']:.2f}% mse {m['mse']:.4f} psnr {m['psnr']:.2f} dB"
     assert single in lines[0], (single, lines[0])
 

@@ -1,10 +1,24 @@
 """main.py end to end, as a user runs it, on a tiny CIFAR-10 written in the official layout."""
 
 import os
+import sys
 
+import numpy as np
 import pytest
+import torch
 
+from config import (
+    TrainConfig,
+    ignored_flags,
+    loss_weights,
+    model_config,
+    parse_args,
+    train_config,
+)
 from conftest import run_main
+from model import LossWeights
+from modules import ModelConfig
+from utils import SINGLE_PROCESS, Procs, UserError, pick_device, progress
 
 FAST = ["--batch_size=32", "--M=2", "--num_glimpses=3", "--hidden_size=32",
         "--glimpse_hidden=16", "--loc_hidden=16"]
@@ -26,9 +40,15 @@ def test_train_one_epoch_then_test_that_epoch(tiny_cifar, tmp_path):
         assert (folder / name).is_file(), name
     assert (tmp_path / "plots" / "ram_3_6x6_2" / "glimpses_epoch_1.npz").is_file()
 
-    tested = run_main("--is_train=False", "--model_epoch=1", *common)
+    # No progress bar in a log: stderr is a pipe here, not a terminal.
+    assert "batch/s" not in trained.stderr and "epoch 1:" not in trained.stderr
+
+    tested = run_main("--is_train=False", "--model_epoch=1", "--resume=true", *common)
     assert tested.returncode == 0, tested.stderr
     assert "accuracy" in tested.stdout and "psnr" in tested.stdout
+    assert tested.stderr.strip() == ("main.py: warning: --resume=true is ignored with "
+                                     "--is_train=false; testing reads the checkpoint that "
+                                     "--model_epoch or --best picks")
 
     missing = run_main("--is_train=false", "--model_epoch=7", *common)
     assert missing.returncode == 2
@@ -45,6 +65,11 @@ def test_supervised_objective_and_fixed_policies_train(tiny_cifar, tmp_path):
         assert done.returncode == 0, done.stderr
         assert (tmp_path / "ckpt" / name / "best.pth").is_file()
     assert os.listdir(tmp_path / "logs" / "ram_3_6x6_2_centre")
+    # Each run glimpsed as its policy says: the plots' data hold where it looked.
+    where = {name: np.load(tmp_path / "plots" / name / "glimpses_epoch_1.npz")["locations"]
+             for name in ("ram_3_6x6_2_random", "ram_3_6x6_2_centre")}
+    assert (where["ram_3_6x6_2_centre"] == 0).all()
+    assert where["ram_3_6x6_2_random"].std() > 0.3
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -62,6 +87,13 @@ def test_supervised_objective_and_fixed_policies_train(tiny_cifar, tmp_path):
     (["--patch_size=20", "--glimpse_scale=4"], "largest patch"),
     (["--is_train=false"], "no checkpoint"),
     (["--resume=true"], "no checkpoint"),
+    (["--random_seed=-1"], "--random_seed"),
+    (["--random_seed=4294967296"], "--random_seed"),
+    (["--device=xpu"], "--device=xpu is not a device this project runs on"),
+    (["--device=meta"], "--device=meta is not a device this project runs on"),
+    (["--device=gpu"], "--device=gpu is not a device this project runs on"),
+    ([f"--num_workers={(os.cpu_count() or 1) + 1}"], "--num_workers"),
+    (["--eval_chunk=0"], "--eval_chunk"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, flags, expected):
     done = run_main(*flags, f"--data_dir={tmp_path / 'data'}", *outputs(tmp_path))
@@ -76,3 +108,35 @@ def test_booleans_accept_any_case(tmp_path):
     assert parse_args(["--is_train=FALSE"]).is_train is False
     assert parse_args(["--is_train=True"]).is_train is True
     assert parse_args(["--use_tensorboard=true"]).use_tensorboard is True
+
+
+def test_cuda_device_numbers_are_checked(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(UserError, match="2 CUDA device"):
+        pick_device("cuda:2")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--model_epoch=3"], "--model_epoch=3 is ignored while training"),
+    (["--lr_patience=50"], "training stops before the learning rate is cut"),
+])
+def test_flags_that_do_nothing_are_warned_about(flags, expected):
+    assert [line for line in ignored_flags(train_config(parse_args(flags)))
+            if expected in line]
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert not progress([], SINGLE_PROCESS).disable
+    assert progress([], Procs(1, 2, 1)).disable  # rank 0 alone draws
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert progress([], SINGLE_PROCESS).disable
+
+
+def test_each_config_has_the_flags_defaults():
+    args = parse_args([])
+    assert model_config(args) == ModelConfig()
+    assert loss_weights(args) == LossWeights()
+    assert train_config(args) == TrainConfig()

@@ -5,18 +5,25 @@ import dataclasses
 import pytest
 import torch
 
+from checkpoints import load_weights
+from config import parse_args
 from model import LossWeights, RecurrentAttention, Rollout, compute_losses, distinct_glimpses
 from modules import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    POLICIES,
     BaselineNetwork,
     Classifier,
     CoreNetwork,
     Decoder,
+    FixedPolicy,
     GlimpseNetwork,
     LocationNetwork,
     ModelConfig,
     Retina,
     patch_corners,
 )
+from utils import UserError
 
 B = 4
 SMALL = dict(glimpse_hidden=16, loc_hidden=8, hidden_size=32, num_glimpses=3)
@@ -34,7 +41,7 @@ def test_every_module_has_the_documented_shapes():
     assert g.shape == (B, 256)
     h = CoreNetwork(cfg)(g, torch.zeros(B, 256))
     assert h.shape == (B, 256)
-    l_next, log_pi, mu = LocationNetwork(cfg)(h)
+    l_next, log_pi, mu = LocationNetwork(cfg)(h, 0)
     assert l_next.shape == (B, 2) and log_pi.shape == (B,) and mu.shape == (B, 2)
     assert l_next.abs().max() <= 1.0
     assert BaselineNetwork(cfg)(h, 0).shape == (B,)
@@ -99,6 +106,42 @@ def test_fixed_policies(policy):
         assert (out.locations == 0).all()
     else:
         assert out.locations.abs().max() <= 1.0 and out.locations.std() > 0.4
+
+
+def test_a_new_fixed_policy_is_one_class_and_one_entry(monkeypatch):
+    class Corners(FixedPolicy):
+        """Glimpse t at corner t % 4: a fixed raster, as a grid policy would be."""
+
+        def place(self, h, t, noise):
+            corner = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]])[t % 4]
+            return corner.expand(h.shape[0], 2)
+
+    monkeypatch.setitem(POLICIES, "corners", Corners)
+    assert parse_args(["--policy=corners"]).policy == "corners"
+    model = RecurrentAttention(ModelConfig(**SMALL, policy="corners"))
+    assert not any(name.startswith("locator.") for name, _ in model.named_parameters())
+    out = model(torch.rand(B, 3, 32, 32))
+    assert out.locations[:, 0].tolist() == [[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0]]
+    assert (out.log_pi == 0).all() and torch.equal(out.loc_means, out.locations)
+
+
+def test_pixel_statistics_are_not_the_policy_std():
+    model = RecurrentAttention(ModelConfig(**SMALL, std=0.3))
+    buffers = dict(model.named_buffers())
+    assert torch.allclose(buffers["pixel_std"].flatten(), torch.tensor(CIFAR10_STD))
+    assert torch.allclose(buffers["pixel_mean"].flatten(), torch.tensor(CIFAR10_MEAN))
+    assert "std" not in buffers and "mean" not in buffers
+    assert model.locator.std == 0.3
+
+
+def test_older_fixed_policy_checkpoints_still_load():
+    # Fixed policies used to carry an unused location network: its weights are passed over.
+    old = RecurrentAttention(ModelConfig(**SMALL)).state_dict()
+    model = RecurrentAttention(ModelConfig(**SMALL, policy="random"))
+    load_weights(model, old, "old.pth")
+    assert torch.equal(model.core.i2h.weight, old["core.i2h.weight"])
+    with pytest.raises(UserError, match="old.pth does not fit this model"):
+        load_weights(model, {k: v for k, v in old.items() if k != "core.i2h.weight"}, "old.pth")
 
 
 def grads_of(model, loss):
@@ -280,3 +323,15 @@ def test_distinct_glimpses_counts_centres_away_from_every_earlier_one():
         [[0.0, 4 * step], [0.5, 0.5 + 2 * step]],  # image 0: 4 px away; image 1: a repeat
     ])
     assert distinct_glimpses(locations, cfg).tolist() == [2, 2]
+
+
+def test_a_step_aware_policy_aims_apart_from_the_same_state():
+    cfg = ModelConfig(**SMALL, policy_input="state_step", std=1e-4)
+    locator = RecurrentAttention(cfg).locator
+    torch.nn.init.normal_(locator.step.weight)
+    h = torch.randn(B, cfg.hidden_size)
+    _, _, first = locator(h, 0)
+    _, _, second = locator(h, 1)
+    assert not torch.allclose(first, second)
+    plain = RecurrentAttention(ModelConfig(**SMALL)).locator
+    assert plain.step is None and torch.equal(plain(h, 0)[2], plain(h, 1)[2])

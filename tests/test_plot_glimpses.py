@@ -166,6 +166,14 @@ def test_cli_lists_the_saved_epochs_when_the_epoch_is_missing(tmp_path):
 def test_cli_rejects_an_unknown_flag(tmp_path):
     done = run_cli(f"--plot_dir={tmp_path}", "--epoch=1", "--epochs=2")
     assert done.returncode == 2 and "unrecognized arguments: --epochs=2" in done.stderr
+    assert done.stderr.count("\n") == 1 and "usage" not in done.stderr
+
+
+def test_cli_refuses_a_damaged_data_file_in_one_line(tmp_path):
+    (tmp_path / "glimpses_epoch_1.npz").write_bytes(b"not an npz")
+    done = run_cli(f"--plot_dir={tmp_path}", "--epoch=1")
+    assert done.returncode == 2 and "is not readable glimpse data" in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
 
 
 def test_importing_the_module_does_not_import_matplotlib():

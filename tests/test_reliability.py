@@ -1,5 +1,6 @@
 """Resume, signals, atomic checkpoints, non-finite losses, determinism and bad input."""
 
+import errno
 import hashlib
 import os
 import signal
@@ -13,9 +14,11 @@ import torch
 
 import data_loader
 import main
+import plot_glimpses
+import trainer
+from checkpoints import load_checkpoint
 from conftest import ROOT, run_main, write_tiny_cifar
-from trainer import load_checkpoint
-from utils import UserError, atomic_write
+from utils import RunLock, UserError, atomic_write, remove_temporaries
 
 TINY = ["--batch_size=20", "--M=1", "--num_glimpses=3", "--hidden_size=32",
         "--glimpse_hidden=16", "--loc_hidden=16"]
@@ -39,15 +42,19 @@ def digest(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_two_epochs_equal_one_plus_resume_one(tiny_cifar, tmp_path):
+@pytest.mark.parametrize("workers", ["--num_workers=0", "--num_workers=1"])
+def test_two_epochs_equal_one_plus_resume_one(tiny_cifar, tmp_path, capsys, workers):
     data_dir, _ = tiny_cifar
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert main.main(flags(data_dir, straight, "--epochs=2")) == 0
-    assert main.main(flags(data_dir, split, "--epochs=1")) == 0
-    assert main.main(flags(data_dir, split, "--epochs=2", "--resume=True")) == 0
+    assert main.main(flags(data_dir, straight, "--epochs=2", workers)) == 0
+    assert main.main(flags(data_dir, split, "--epochs=1", workers)) == 0
+    capsys.readouterr()
+    assert main.main(flags(data_dir, split, "--epochs=2", "--resume=True", workers)) == 0
+    out = capsys.readouterr().out
+    assert "epoch 2/2" in out and "epoch 1/2" not in out  # it resumed, it did not start over
     assert same_weights(weights(straight), weights(split))
     resumed = load_checkpoint(str(split / "ckpt" / NAME / "latest.pth"))
-    assert resumed["epoch"] == 2 and resumed["step_in_epoch"] == 0
+    assert resumed["epoch"] == 2 and resumed["loader"]["images_seen"] == 0
 
 
 def test_same_seed_same_losses_and_weights(tiny_cifar, tmp_path, capsys):
@@ -60,9 +67,8 @@ def test_same_seed_same_losses_and_weights(tiny_cifar, tmp_path, capsys):
                       if line.startswith("epoch 1/1")])
     assert lines[0] and lines[0] == lines[1]
     assert same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
-    assert not same_weights(weights(tmp_path / "a"), load_checkpoint(
-        str(tmp_path / "a" / "ckpt" / NAME / "latest.pth"))["model"] | {
-            "core.i2h.weight": torch.zeros(32, 32)})
+    assert main.main(flags(data_dir, tmp_path / "c", "--epochs=1", "--random_seed=2")) == 0
+    assert not same_weights(weights(tmp_path / "a"), weights(tmp_path / "c"))
 
 
 @pytest.fixture
@@ -101,27 +107,28 @@ def test_signal_checkpoints_mid_epoch_and_resume_matches_straight_run(long_epoch
     assert proc.returncode == 128 + signum, err
     assert "--resume=True" in err and "Traceback" not in err
     ckpt = load_checkpoint(str(stopped / "ckpt" / NAME / "latest.pth"))
-    assert ckpt["epoch"] == 0 and 0 < ckpt["step_in_epoch"] < 450
+    seen = ckpt["loader"]["images_seen"]
+    assert ckpt["epoch"] == 0 and 0 < seen < 900 and f"{seen} images in" in err
     assert not (stopped / "ckpt" / NAME / "epoch_1.pth").exists()
 
     resumed = run_main(*flags(data_dir, stopped, "--batch_size=2", "--epochs=1",
                               "--resume=True"))
     assert resumed.returncode == 0, resumed.stderr
-    assert f"step {ckpt['step_in_epoch']} of epoch 1" in resumed.stdout
+    assert f"{seen} images into epoch 1" in resumed.stdout
     assert run_main(*flags(data_dir, straight, "--batch_size=2", "--epochs=1")).returncode == 0
     assert same_weights(weights(stopped), weights(straight))
 
 
 def test_second_sigint_exits_at_once_without_touching_files(long_epoch_cifar, tmp_path):
     data_dir = long_epoch_cifar
-    assert main.main(flags(data_dir, tmp_path, "--epochs=1")) == 0
+    big = ["--valid_size=0.9", "--batch_size=100", "--hidden_size=512"]
+    assert main.main(flags(data_dir, tmp_path, "--epochs=1", *big)) == 0
     folder = tmp_path / "ckpt" / NAME
     before = {p.name: digest(p) for p in folder.glob("*.pth")}
     # One short training step, then a validation of several seconds: a first Ctrl-C only takes
     # effect after validation, so the second one surely comes before any file is written.
     cmd = [sys.executable, os.path.join(ROOT, "main.py"),
-           *flags(data_dir, tmp_path, "--epochs=1", "--valid_size=0.9", "--batch_size=100",
-                  "--M=50", "--hidden_size=512")]
+           *flags(data_dir, tmp_path, "--epochs=2", *big, "--M=50", "--resume=True")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     for line in proc.stdout:
@@ -137,31 +144,46 @@ def test_second_sigint_exits_at_once_without_touching_files(long_epoch_cifar, tm
     assert {p.name: digest(p) for p in folder.glob("*.pth")} == before
 
 
-KILLER = """
-import sys, torch
-sys.path.insert(0, {root!r})
-from utils import atomic_write
-big = {{"model": {{"w": torch.randn(2_000_000)}}}}
-i = 0
-while True:
-    i += 1
-    big["epoch"] = i
-    atomic_write({path!r}, lambda f: torch.save(big, f))
-    print(i, flush=True)
-"""
+def killed(point, path, new):
+    """In a forked child, atomic_write `new` over `path` and die by SIGKILL at `point`:
+    ("byte", k) once k bytes are written, or ("after", name) right after os.<name> returns."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        kind, where = point
+        if kind == "after":
+            real = getattr(os, where)
+
+            def then_die(*args):
+                real(*args)
+                os.kill(os.getpid(), signal.SIGKILL)
+            setattr(os, where, then_die)
+
+        def write(f):
+            if kind == "byte":
+                f.write(new[:where])
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+            f.write(new)
+        atomic_write(str(path), write)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
 
 
-def test_kill_9_during_checkpoint_writes_leaves_a_whole_checkpoint(tmp_path):
+def test_kill_9_at_any_point_of_a_write_leaves_a_whole_file(tmp_path):
     path = tmp_path / "latest.pth"
-    for delay in (0.3, 0.55, 0.8):
-        proc = subprocess.Popen([sys.executable, "-c", KILLER.format(root=ROOT, path=str(path))],
-                                stdout=subprocess.PIPE, text=True)
-        proc.stdout.readline()  # one whole write has landed
-        time.sleep(delay)
-        proc.kill()
-        proc.wait()
-        ckpt = torch.load(path, weights_only=True)
-        assert ckpt["model"]["w"].shape == (2_000_000,) and ckpt["epoch"] >= 1
+    old, new = b"old" * 1000, b"new" * 2000
+    atomic_write(str(path), lambda f: f.write(old))
+    points = [("byte", 0), ("byte", 1), ("byte", len(new) // 2), ("byte", len(new) - 1),
+              ("after", "fsync"), ("after", "replace")]
+    for point in points:
+        assert killed(point, path, new), point
+        assert path.read_bytes() in (old, new), point
+    assert path.read_bytes() == new  # the last kill came after the rename
+    left = [name for name in os.listdir(tmp_path) if name != "latest.pth"]
+    assert left and all(name.startswith(".latest.pth.") for name in left)
+    remove_temporaries(str(tmp_path))
+    assert os.listdir(tmp_path) == ["latest.pth"]
 
 
 def test_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
@@ -177,13 +199,21 @@ def test_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["latest.pth"]
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cifar, tmp_path):
+def stop_after(monkeypatch, steps):
+    """Make the next in-process main.main stop, as on Ctrl-C, after `steps` training steps."""
+    asked = iter(range(10**6))
+    monkeypatch.setattr(main.StopOnSignal, "requested", lambda self: next(asked) >= steps)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cifar, tmp_path,
+                                                                    monkeypatch):
     data_dir, _ = tiny_cifar
-    assert main.main(flags(data_dir, tmp_path, "--epochs=1")) == 0
+    stop_after(monkeypatch, 3)
+    assert main.main(flags(data_dir, tmp_path, "--epochs=1")) == 128 + signal.SIGINT
     folder = tmp_path / "ckpt" / NAME
     checkpoints = sorted(folder.glob("*.pth"))
     before = [digest(p) for p in checkpoints]
-    done = run_main(*flags(data_dir, tmp_path, "--epochs=1", "--init_lr=1e30"))
+    done = run_main(*flags(data_dir, tmp_path, "--epochs=1", "--init_lr=1e30", "--resume=True"))
     assert done.returncode == 1
     assert "epoch 1, step" in done.stderr and "last good checkpoint" in done.stderr
     assert "Traceback" not in done.stderr
@@ -227,6 +257,8 @@ def test_unwritable_folders_are_refused(tiny_cifar, tmp_path):
     one_line_error(run_main(*flags(data_dir, tmp_path), f"--ckpt_dir={blocker / 'x'}"),
                    "--ckpt_dir")
     one_line_error(run_main(*flags(blocker / "x", tmp_path)), "--data_dir")
+    one_line_error(run_main(*flags(data_dir, tmp_path), "--use_tensorboard=true",
+                            f"--logs_dir={blocker / 'x'}"), "--logs_dir")
 
 
 def test_cache_failing_its_checksum_is_fetched_again(tiny_cifar, monkeypatch, capsys):
@@ -254,3 +286,153 @@ def test_checkpoint_loading_refuses_code(tmp_path):
     torch.save({"model": {}, "model_config": {}, "epoch": 1, "x": Payload()}, path)
     with pytest.raises(UserError, match="not a readable checkpoint"):
         load_checkpoint(str(path))
+
+
+def test_a_second_run_on_the_same_folder_is_refused_naming_the_first(tiny_cifar, tmp_path):
+    data_dir, _ = tiny_cifar
+    folder = tmp_path / "ckpt" / NAME
+    lock = RunLock(str(folder))
+    lock.acquire()  # this test's process is "the first run"
+    try:
+        done = run_main(*flags(data_dir, tmp_path, "--epochs=1"))
+    finally:
+        lock.release()
+    one_line_error(done, f"in use by another run (pid {os.getpid()} on ")
+    assert not (folder / "latest.pth").exists()
+
+
+def test_a_run_killed_with_9_frees_its_folder(tmp_path):
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child takes the lock, says so, and waits to be killed
+        RunLock(str(tmp_path)).acquire()
+        os.write(ready_w, b"x")
+        time.sleep(60)
+        os._exit(0)
+    os.read(ready_r, 1)
+    with pytest.raises(UserError, match=f"pid {pid} on "):
+        RunLock(str(tmp_path)).acquire()
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    lock = RunLock(str(tmp_path))
+    lock.acquire()  # the kernel dropped the dead process's lock
+    lock.release()
+
+
+def test_a_new_run_does_not_overwrite_an_existing_one(tiny_cifar, tmp_path):
+    data_dir, _ = tiny_cifar
+    assert main.main(flags(data_dir, tmp_path, "--epochs=1")) == 0
+    folder = tmp_path / "ckpt" / NAME
+    before = {p.name: digest(p) for p in folder.glob("*.pth")}
+    one_line_error(run_main(*flags(data_dir, tmp_path, "--epochs=1")), "--resume=True")
+    assert {p.name: digest(p) for p in folder.glob("*.pth")} == before
+
+
+class FullDisk:
+    """A file that takes `room` more bytes, then fails as a full disk does."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def fill_disk(monkeypatch, module, room):
+    """Every atomic_write that `module` makes runs on a disk with `room` bytes free."""
+    real = module.atomic_write
+    monkeypatch.setattr(module, "atomic_write",
+                        lambda path, write: real(path, lambda f: write(FullDisk(f, room))))
+
+
+def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_files(tiny_cifar, tmp_path,
+                                                                       monkeypatch, capsys):
+    data_dir, _ = tiny_cifar
+    assert main.main(flags(data_dir, tmp_path, "--epochs=1")) == 0
+    folder = tmp_path / "ckpt" / NAME
+    before = {p.name: digest(p) for p in folder.iterdir()}
+    capsys.readouterr()
+    fill_disk(monkeypatch, trainer, 100_000)  # config.json fits, a checkpoint does not
+    assert main.main(flags(data_dir, tmp_path, "--epochs=2", "--resume=True")) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"disk full (errno 28) writing {folder / 'latest.pth'}" in err
+    assert {p.name: digest(p) for p in folder.iterdir() if p.name != "config.json"} == {
+        name: value for name, value in before.items() if name != "config.json"}
+
+
+def test_disk_full_for_glimpse_data_warns_and_training_goes_on(tiny_cifar, tmp_path,
+                                                               monkeypatch, capsys):
+    data_dir, _ = tiny_cifar
+    fill_disk(monkeypatch, plot_glimpses, 0)
+    assert main.main(flags(data_dir, tmp_path, "--epochs=2")) == 0
+    captured = capsys.readouterr()
+    warnings = captured.err.strip().splitlines()
+    assert len(warnings) == 2 and all("disk full (errno 28)" in line for line in warnings)
+    assert "epoch 2/2" in captured.out
+    assert (tmp_path / "ckpt" / NAME / "epoch_2.pth").is_file()
+    assert not list((tmp_path / "plots" / NAME).iterdir())  # no half-written file either
+
+
+def test_a_resume_applies_changed_flags_and_says_so_one_line_each(tiny_cifar, tmp_path, capsys):
+    data_dir, _ = tiny_cifar
+    assert main.main(flags(data_dir, tmp_path, "--epochs=1")) == 0
+    capsys.readouterr()
+    assert main.main(flags(data_dir, tmp_path, "--epochs=2", "--resume=True", "--init_lr=1e-3",
+                           "--lr_patience=7", "--recon_weight=2")) == 0
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if line.startswith("note: ")]
+    assert [note.split()[1] for note in notes] == [
+        "--epochs=2", "--init_lr=0.001", "--lr_patience=7", "--recon_weight=2.0"]
+    assert "(the run had 0.0003) is applied; the learning rate restarts at it" in notes[1]
+    assert "| lr 1.0e-03" in out
+    ckpt = load_checkpoint(str(tmp_path / "ckpt" / NAME / "latest.pth"))
+    assert ckpt["optimizer"]["param_groups"][0]["lr"] == 1e-3
+    assert ckpt["scheduler"]["patience"] == 7 and ckpt["loss_weights"]["recon_weight"] == 2.0
+
+
+def test_a_resume_refuses_changes_that_would_spoil_the_run(tiny_cifar, tmp_path, capsys):
+    data_dir, _ = tiny_cifar
+    assert main.main(flags(data_dir, tmp_path, "--epochs=1")) == 0
+    folder = tmp_path / "ckpt" / NAME
+    before = {p.name: digest(p) for p in folder.glob("*.pth")}
+    capsys.readouterr()
+    for extra, expected in ((["--random_seed=2"], "pass --random_seed=1 to resume"),
+                            (["--valid_size=0.2"], "pass --valid_size=0.1 to resume"),
+                            (["--epochs=1"], "has trained 1 epochs already and --epochs=1")):
+        assert main.main(flags(data_dir, tmp_path, "--epochs=2", "--resume=True", *extra)) == 2
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, err
+    ckpt = load_checkpoint(str(folder / "latest.pth"))
+    del ckpt["train_config"]  # as written before this version
+    (folder / "latest.pth").unlink()  # not in place: best.pth and epoch_1.pth are its links
+    torch.save(ckpt, folder / "latest.pth")
+    assert main.main(flags(data_dir, tmp_path, "--epochs=2", "--resume=True")) == 2
+    assert "older version of this project" in capsys.readouterr().err
+    assert {p.name: digest(p) for p in folder.glob("*.pth") if p.name != "latest.pth"} == {
+        name: value for name, value in before.items() if name != "latest.pth"}
+
+
+def test_a_stopped_epoch_resumes_with_another_batch_size(tiny_cifar, tmp_path, monkeypatch,
+                                                         capsys):
+    data_dir, _ = tiny_cifar
+    stop_after(monkeypatch, 2)
+    assert main.main(flags(data_dir, tmp_path, "--epochs=1")) == 128 + signal.SIGINT
+    latest = str(tmp_path / "ckpt" / NAME / "latest.pth")
+    assert load_checkpoint(latest)["loader"]["images_seen"] == 60  # 3 steps of 20
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main.main(flags(data_dir, tmp_path, "--epochs=1", "--resume=True",
+                           "--batch_size=30")) == 0
+    out = capsys.readouterr().out
+    assert "note: --batch_size=30 (the run had 20) is applied" in out
+    assert "60 images into epoch 1" in out and "epoch 1/1" in out
+    ckpt = load_checkpoint(latest)
+    assert ckpt["epoch"] == 1 and ckpt["loader"] == {"epoch": 1, "images_seen": 0,
+                                                     "num_images": 180, "seed": 1}
