@@ -1,6 +1,6 @@
 """Command-line flags and the three configurations built from them once: ModelConfig,
-LossWeights and TrainConfig. Flag names follow the RAM code the seed forked, so its commands keep
-working."""
+LossWeights and TrainConfig. Flag names follow the RAM code the seed forked, so the seed's
+commands keep working; four of that code's flags are gone (README.md, "Flags", says which)."""
 
 import argparse
 import os
@@ -52,7 +52,7 @@ def _int_between(low, high):
     return parse
 
 
-_positive_int = _int_at_least(1)
+positive_int = _int_at_least(1)
 # NumPy takes seeds below 2**32, and each torchrun process seeds with random_seed + rank.
 MAX_SEED = 2**31 - 1
 
@@ -67,7 +67,7 @@ def _fraction(text):
     return value
 
 
-def _positive_float(text):
+def positive_float(text):
     try:
         value = float(text)
     except ValueError:
@@ -89,42 +89,46 @@ def _weight(text):
 
 def _glimpse_flags(p):
     glimpse = p.add_argument_group("glimpse sensor and networks")
-    glimpse.add_argument("--patch_size", type=_positive_int, default=6,
+    glimpse.add_argument("--patch_size", type=positive_int, default=6,
                          help="side g of the smallest (finest) patch of a glimpse, in pixels")
-    glimpse.add_argument("--glimpse_scale", type=_positive_int, default=2,
+    glimpse.add_argument("--glimpse_scale", type=positive_int, default=2,
                          help="each further patch is this many times wider: g, g*s, g*s^2, ...")
-    glimpse.add_argument("--num_patches", type=_positive_int, default=3,
+    glimpse.add_argument("--num_patches", type=positive_int, default=3,
                          help="patches per glimpse, each pooled down to g x g")
-    glimpse.add_argument("--glimpse_hidden", type=_positive_int, default=128,
+    glimpse.add_argument("--glimpse_hidden", type=positive_int, default=128,
                          help="width of the layer that reads the patches ('what')")
-    glimpse.add_argument("--loc_hidden", type=_positive_int, default=128,
+    glimpse.add_argument("--loc_hidden", type=positive_int, default=128,
                          help="width of the layer that reads the location ('where')")
 
 
 def _core_flags(p):
     core = p.add_argument_group("core and policy")
-    core.add_argument("--num_glimpses", type=_positive_int, default=9,
+    core.add_argument("--num_glimpses", type=positive_int, default=9,
                       help="glimpses per image (recurrent steps)")
-    core.add_argument("--hidden_size", type=_positive_int, default=256,
+    core.add_argument("--hidden_size", type=positive_int, default=256,
                       help="width of the core RNN's state h_t")
-    core.add_argument("--std", type=_positive_float, default=0.05,
+    core.add_argument("--std", type=positive_float, default=0.05,
                       help="standard deviation of the Gaussian location policy (locations are "
                       "in [-1, 1])")
     core.add_argument("--policy", choices=tuple(POLICIES), default="learned",
                       help="where glimpses go: learned (REINFORCE); the ablations random "
                       "(uniform), centre, or grid (a fixed raster scan that covers the image)")
     core.add_argument("--policy_input", choices=POLICY_INPUTS, default="state",
-                      help="what the learned policy reads: the state h, or the state and the "
-                      "index of the glimpse it places (state_step)")
+                      help="what the learned policy reads: the state h; the state and the index "
+                      "of the glimpse it places (state_step); or the state, around a learned "
+                      "per-glimpse offset that starts at the grid scan (grid_prior)")
     core.add_argument("--baseline", choices=BASELINES, default="shared",
                       help="REINFORCE's value estimate: one linear head for every step (shared) "
                       "or one head per step (per_step)")
-    core.add_argument("--M", type=_positive_int, default=10,
+    core.add_argument("--M", type=positive_int, default=10,
                       help="Monte Carlo samples of the glimpse path averaged at validation and "
                       "test")
-    core.add_argument("--eval_chunk", type=_positive_int, default=2048,
+    core.add_argument("--eval_chunk", type=positive_int, default=2048,
                       help="most images (paths x batch) in one evaluation forward pass; bounds "
                       "its memory whatever --M is (at least one path of a batch per pass)")
+    core.add_argument("--linear_eval", type=_bool, default=True,
+                      help="with --is_train=false: also fit a logistic regression on the frozen "
+                      "codes of the training images and report its test accuracy")
 
 
 def _loss_flags(p):
@@ -167,15 +171,16 @@ def _training_flags(p):
     train = p.add_argument_group("training")
     train.add_argument("--is_train", type=_bool, default=True,
                        help="true: train; false: test a checkpoint on the test split")
-    train.add_argument("--epochs", type=_positive_int, default=200,
+    train.add_argument("--epochs", type=positive_int, default=200,
                        help="most epochs to train")
-    train.add_argument("--init_lr", type=_positive_float, default=3e-4,
+    train.add_argument("--init_lr", type=positive_float, default=3e-4,
                        help="Adam's initial learning rate")
-    train.add_argument("--lr_patience", type=_positive_int, default=20,
-                       help="epochs without a better validation accuracy before the learning "
+    train.add_argument("--lr_patience", type=positive_int, default=20,
+                       help="epochs without a better validation score (PSNR under unsupervised, "
+                       "accuracy under supervised) before the learning "
                        "rate is cut by 10x")
-    train.add_argument("--train_patience", type=_positive_int, default=50,
-                       help="epochs without a better validation accuracy before training stops")
+    train.add_argument("--train_patience", type=positive_int, default=50,
+                       help="epochs without a better validation score before training stops")
     train.add_argument("--random_seed", type=_int_between(0, MAX_SEED), default=1,
                        help="seed of every random stream")
     train.add_argument("--device", default="auto",
@@ -193,13 +198,13 @@ def _output_flags(p):
     out = p.add_argument_group("checkpoints and logs")
     out.add_argument("--ckpt_dir", default="./ckpt",
                      help="checkpoints go to <ckpt_dir>/<model name>/")
-    out.add_argument("--ckpt_freq", type=_positive_int, default=1,
+    out.add_argument("--ckpt_freq", type=positive_int, default=1,
                      help="keep the numbered checkpoint of every Nth epoch (best and latest are "
                      "always kept)")
     out.add_argument("--best", type=_bool, default=True,
                      help="with --is_train=false and no --model_epoch: test the best (true) or "
                      "the latest (false) checkpoint")
-    out.add_argument("--model_epoch", type=_positive_int, default=None,
+    out.add_argument("--model_epoch", type=positive_int, default=None,
                      help="with --is_train=false: test the checkpoint of this epoch")
     out.add_argument("--logs_dir", default="./logs", help="TensorBoard runs go here")
     out.add_argument("--use_tensorboard", type=_bool, default=False,
@@ -207,9 +212,9 @@ def _output_flags(p):
     out.add_argument("--plot_dir", default="./plots",
                      help="per-epoch glimpse data for plot_glimpses.py goes to "
                      "<plot_dir>/<model name>/")
-    out.add_argument("--plot_freq", type=_positive_int, default=1,
+    out.add_argument("--plot_freq", type=positive_int, default=1,
                      help="write glimpse data every Nth epoch")
-    out.add_argument("--print_freq", type=_positive_int, default=10,
+    out.add_argument("--print_freq", type=positive_int, default=10,
                      help="refresh the progress bar's loss figures every Nth batch")
 
 
@@ -244,6 +249,7 @@ class TrainConfig:
     resume: bool = False
     M: int = 10
     eval_chunk: int = 2048
+    linear_eval: bool = True
     ckpt_dir: str = "./ckpt"
     ckpt_freq: int = 1
     best: bool = True

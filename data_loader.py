@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tarfile
 import tempfile
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,8 +64,11 @@ def _check_shapes(arrays, source):
         if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3) or len(y) != len(x):
             raise ValueError(f"{source}: {split} images are {x.dtype} {x.shape} with "
                              f"{len(y)} labels, expected uint8 (N, 32, 32, 3) with N labels")
-        if y.size and int(y.max()) >= len(CLASSES):
-            raise ValueError(f"{source}: {split} labels go up to {int(y.max())}, expected 0..9")
+        if len(x) == 0:
+            raise ValueError(f"{source}: the {split} split holds no image")
+        if int(y.min()) < 0 or int(y.max()) >= len(CLASSES):
+            raise ValueError(f"{source}: {split} labels run from {int(y.min())} to "
+                             f"{int(y.max())}, expected 0..{len(CLASSES) - 1}")
 
 
 def _read_batches_dir(folder):
@@ -174,8 +178,10 @@ def _read_cache(cache):
     try:
         arrays = _load_cache(cache)
         _check_shapes(arrays, cache)
-    except (OSError, ValueError, KeyError) as e:
-        print(f"warning: ignoring unreadable cache {cache} ({e}); fetching CIFAR-10 again")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        # zero bytes: EOFError; truncated: BadZipFile; damaged members: ValueError, OSError
+        print(f"warning: ignoring unreadable cache {cache} ({type(e).__name__}: {e}); "
+              "fetching CIFAR-10 again")
         return None
     bad = checksum_mismatches(arrays) if is_full_set(arrays) else []
     if bad:
@@ -428,6 +434,15 @@ def cifar10_loaders(data_dir, valid_size, batching: Batching):
     train = make_loader(x[train_idx.numpy()], y[train_idx.numpy()], batching, shuffle=True)
     valid = make_loader(x[valid_idx.numpy()], y[valid_idx.numpy()], batching, shuffle=False)
     return train, valid
+
+
+def cifar10_evaluation_loaders(data_dir, valid_size, batching: Batching):
+    """Train, validation and test splits, each in a fixed order (for the linear evaluation)."""
+    arrays = load_cifar10(data_dir)
+    train_idx, valid_idx = train_valid_split(len(arrays["train_x"]), valid_size)
+    x, y = arrays["train_x"], arrays["train_y"]
+    return [make_loader(x[idx.numpy()], y[idx.numpy()], batching, shuffle=False)
+            for idx in (train_idx, valid_idx)] + [cifar10_test_loader(data_dir, batching)]
 
 
 def cifar10_test_loader(data_dir, batching: Batching):

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from config import ignored_flags, loss_weights, model_config, parse_args, train_config
 from data_loader import (
     Batching,
+    cifar10_evaluation_loaders,
     cifar10_loaders,
     cifar10_test_loader,
     load_cifar10,
@@ -39,13 +40,17 @@ class StopOnSignal:
     def __init__(self):
         self.signum = None
         self.previous = {}
+        self.pid = os.getpid()
 
     def __call__(self, signum, frame):
+        if os.getpid() != self.pid:
+            return  # a data-loading worker forked from us: the training process decides
         if self.signum is not None:
             os._exit(128 + signum)
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step to write a checkpoint "
-              "(send it again to quit at once)", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # once per torchrun job, not once per process
+            print(f"\n{signal.Signals(signum).name}: stopping after this step to write a "
+                  "checkpoint (send it again to quit at once)", file=sys.stderr, flush=True)
 
     def requested(self):
         return self.signum is not None
@@ -131,8 +136,8 @@ def train(trainer, stop):
         finally:
             if writer is not None:
                 writer.close()
-    print_main(procs, f"best validation accuracy {trainer.best_valid_acc:.2f}%; checkpoints in "
-               f"{trainer.ckpt_folder}")
+    print_main(procs, f"best validation {trainer.selection} {trainer.best_score:.2f}; "
+               f"checkpoints in {trainer.ckpt_folder}")
 
 
 def test(trainer):
@@ -140,15 +145,42 @@ def test(trainer):
     path = trainer.checkpoint_path(cfg.model_epoch, cfg.best)
     trainer.load(path)
     fetch_once(cfg.data_dir, trainer.procs)
-    m = trainer.test(cifar10_test_loader(cfg.data_dir, batching(trainer)))
+    loader = cifar10_test_loader(cfg.data_dir, batching(trainer))
+    m = trainer.test(loader)
     print_main(trainer.procs, f"test {trainer.name} epoch {trainer.epoch} ({path}), M={cfg.M}: "
                f"accuracy {m['acc']:.2f}% (error {100 - m['acc']:.2f}%) | reconstruction mse "
                f"{m['mse']:.5f} psnr {m['psnr']:.2f} dB | location spread "
-               f"{m['loc_spread']:.3f}")
+               f"{m['loc_spread']:.3f} | distinct glimpses {m['distinct']:.2f} of "
+               f"{trainer.cfg.num_glimpses}")
     aims = " ".join(f"({x:+.2f},{y:+.2f})±{(sx + sy) / 2:.3f}"
                     for (x, y), (sx, sy) in zip(m["loc_mean"], m["loc_std"], strict=True))
     print_main(trainer.procs, f"where the policy aims, glimpse by glimpse, as (x, y) in [-1, 1] "
                f"± std across images: {aims}")
+    if trainer.cfg.policy == "learned":
+        report_adaptivity(trainer, loader)
+    if cfg.linear_eval:
+        report_linear_evaluation(trainer)
+
+
+def report_adaptivity(trainer, loader):
+    own, mean = trainer.adaptivity(loader)
+    print_main(trainer.procs, f"adaptivity (one path, no exploration noise): own paths psnr "
+               f"{own['psnr']:.2f} dB, accuracy {own['acc']:.2f}%; every image on the mean "
+               f"path psnr {mean['psnr']:.2f} dB, accuracy {mean['acc']:.2f}%; gain "
+               f"{own['psnr'] - mean['psnr']:+.2f} dB, {own['acc'] - mean['acc']:+.2f} points")
+
+
+def report_linear_evaluation(trainer):
+    if trainer.procs.distributed:  # each process holds a share of the codes
+        print_main(trainer.procs, "linear evaluation skipped under torchrun: run the test in "
+                   "one process for it")
+        return
+    cfg = trainer.train_cfg
+    result = trainer.linear_evaluation(
+        cifar10_evaluation_loaders(cfg.data_dir, cfg.valid_size, batching(trainer)))
+    print_main(trainer.procs, f"linear evaluation of the frozen code ({trainer.cfg.probe_input}"
+               f" states, logistic regression, L2 {result['l2']:g} chosen on validation): test "
+               f"accuracy {result['test_acc']:.2f}% (validation {result['valid_acc']:.2f}%)")
 
 
 def main(argv=None):

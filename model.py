@@ -53,6 +53,9 @@ class Rollout:
     patches: torch.Tensor | None = None
 
 
+DECODES = ("every", "last", "plots")  # what the rollout decodes: see RecurrentAttention.forward
+
+
 class RecurrentAttention(nn.Module):
     """RAM (Mnih et al., 2014) with a decoder that rebuilds the image from the glimpses.
 
@@ -84,31 +87,42 @@ class RecurrentAttention(nn.Module):
     def unnormalize(self, x):
         return x * self.pixel_std + self.pixel_mean
 
-    def forward(self, x, keep_patches=False, every_step=True, noise=None, paths=1):
+    def _place(self, h, t, noise, path):
+        """Glimpse t's location, log-probability and aim: the policy's, or path[t] for all."""
+        if path is None:
+            return self.locator(h, t, None if noise is None else noise[t])
+        l = path[t].to(h.dtype).expand(h.shape[0], 2)  # (paths*B, 2)
+        return l, h.new_zeros(h.shape[0]), l
+
+    def forward(self, x, decode="every", noise=None, paths=1, path=None):
         """Roll out all glimpses over a batch.
 
         Args:
             x: (B, C, H, W) images in [0, 1].
-            keep_patches: also return the patches, each step's decoder output and the cumulative
-                reconstructions (for the plots).
-            every_step: the reconstruction error of every step (training, plots); if false,
-                that of the last step alone (evaluation). Neither builds an image.
+            decode: "every": the reconstruction error of every step (training); "last": that of
+                the last step alone (evaluation); neither builds an image. "plots": every
+                step's error, and the patches, each step's decoder output and the cumulative
+                reconstructions.
             noise: (T, paths*B, 2) standard normal draws for the policy, or None to draw
                 afresh. Evaluation passes noise fixed per image, so its figures do not depend
                 on batching, on the number of processes, or on the training's random stream.
             paths: glimpse paths per image (RAM's Monte Carlo test). Path p of image b is
                 column p*B + b of every output; the sensor's and the decoder's per-image work
                 is done once per image, not once per path.
+            path: (T, 2) locations that every image is glimpsed at instead of where the policy
+                would look (the adaptivity test), or None.
 
         Returns:
             A `Rollout` over paths*B columns.
         """
         cfg = self.cfg
+        if decode not in DECODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
         prepared = self.retina.prepare(self.normalize(x))  # once per batch, reused every step
         h = x.new_zeros(paths * x.shape[0], cfg.hidden_size)  # (paths*B, hidden)
         states, locations, means, log_pis, baselines, patches = [], [], [], [], [], []
         for t in range(cfg.num_glimpses):
-            l, log_pi, mu = self.locator(h, t, None if noise is None else noise[t])
+            l, log_pi, mu = self._place(h, t, noise, path)
             baselines.append(self.baseline(h, t))  # value of the state the choice was made in
             phi = self.retina(prepared, l)  # (paths*B, k, C, g, g)
             h = self.core(self.glimpse(phi, l), h)  # (paths*B, hidden)
@@ -116,14 +130,15 @@ class RecurrentAttention(nn.Module):
             locations.append(l)
             means.append(mu)
             log_pis.append(log_pi)
-            if keep_patches:
+            if decode == "plots":
                 patches.append(phi)
         states = torch.stack(states)  # (T, paths*B, hidden)
         code = states.sum(0) if cfg.probe_input == "summed" else h  # (paths*B, hidden)
         code = code if cfg.objective == "supervised" else code.detach()  # unsupervised: a probe
         # The decoder is linear, so its Gram form gives the errors without building a canvas
         # (Decoder.direct_errors is the same through the canvases, for a non-linear decoder).
-        errors = self.decoder.errors(states, x, last_only=not every_step)
+        errors = self.decoder.errors(states, x, last_only=decode == "last")
+        plots = decode == "plots"
         return Rollout(
             locations=torch.stack(locations),
             loc_means=torch.stack(means),
@@ -133,10 +148,25 @@ class RecurrentAttention(nn.Module):
             code=code,
             errors=errors,
             blank_errors=x.pow(2).flatten(1).mean(-1).repeat(paths),  # (paths*B,)
-            decoded=self.decoder.steps(states) if keep_patches else None,
-            recon=self.decoder(states) if keep_patches else None,
-            patches=torch.stack(patches) if keep_patches else None,
+            decoded=self.decoder.steps(states) if plots else None,
+            recon=self.decoder(states) if plots else None,
+            patches=torch.stack(patches) if plots else None,
         )
+
+
+class Steered(nn.Module):
+    """A trained model whose glimpses go where the adaptivity test puts them: every image to the
+    same fixed `path` (T, 2), or, with None, each image to where the policy aims (its mean,
+    without the exploration noise). Called like the model."""
+
+    def __init__(self, model, path=None):
+        super().__init__()
+        self.model, self.cfg, self.path = model, model.cfg, path
+
+    def forward(self, x, decode="every", noise=None, paths=1):
+        if self.path is None and noise is not None:
+            noise = torch.zeros_like(noise)
+        return self.model(x, decode=decode, noise=noise, paths=paths, path=self.path)
 
 
 @dataclass(frozen=True)

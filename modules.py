@@ -99,7 +99,7 @@ OBJECTIVES = ("unsupervised", "supervised")
 REWARDS = ("sum", "gain")  # how the unsupervised objective pays a glimpse: see compute_losses
 BASELINES = ("shared", "per_step")
 PROBE_INPUTS = ("summed", "last")
-POLICY_INPUTS = ("state", "state_step")
+POLICY_INPUTS = ("state", "state_step", "grid_prior")
 
 
 def location_to_pixels(l, image_size):
@@ -154,7 +154,7 @@ class Retina(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        # A patch of side S centred on any pixel in [0, image_size] starts at least S // 2
+        # A patch of side S centred on any pixel in [0, image_size] starts at most S // 2
         # before the image and ends at most S - S // 2 after it.
         self.pad = cfg.largest_patch - cfg.largest_patch // 2
         s, g = cfg.glimpse_scale, cfg.patch_size
@@ -286,6 +286,10 @@ class LocationNetwork(nn.Module):
     With `policy_input=state_step` a learned vector e_t per glimpse index tells the policy
     which glimpse it is placing. From the state alone it cannot: when a glimpse repeats the
     last one, h barely changes, so the next mean is the same spot again (a fixed point).
+    With `policy_input=grid_prior` the mean is tanh(p_t + W_2 relu(W_1 h_t)): a learned offset
+    p_t per glimpse, initialised at the grid policy's raster (atanh of its locations) and W_2
+    at zero, so the policy starts as the fixed scan that covers the image and learns per-image
+    moves from it.
 
     The state is detached, so the policy learns only through the REINFORCE term and never
     pushes gradient into the core. The sample is detached: it is an action, not a function
@@ -310,12 +314,20 @@ class LocationNetwork(nn.Module):
         self.fc_mu = nn.Linear(width, 2)
         self.step = (nn.Embedding(cfg.num_glimpses, width) if cfg.policy_input == "state_step"
                      else None)
+        self.prior = None
+        if cfg.policy_input == "grid_prior":
+            grid = grid_locations(cfg.num_glimpses).clamp(-0.999, 0.999)  # (T, 2)
+            self.prior = nn.Parameter(torch.atanh(grid))
+            # Start exactly on the scan; REINFORCE's gradient still reaches fc_mu at once.
+            nn.init.zeros_(self.fc_mu.weight)
+            nn.init.zeros_(self.fc_mu.bias)
 
     def forward(self, h, t, noise=None):
         hidden = self.fc(h.detach())  # (B, width)
         if self.step is not None:
             hidden = hidden + self.step.weight[t]
-        mu = torch.tanh(self.fc_mu(F.relu(hidden)))  # (B, 2)
+        pre = self.fc_mu(F.relu(hidden))  # (B, 2)
+        mu = torch.tanh(pre if self.prior is None else pre + self.prior[t])  # (B, 2)
         noise = torch.randn_like(mu) if noise is None else noise.to(mu.dtype)
         sample = (mu + self.std * noise).detach()  # (B, 2)
         # log N(sample; mu, std^2) per axis, summed; written out rather than through
@@ -363,6 +375,15 @@ class CentrePolicy(FixedPolicy):
         return h.new_zeros(h.shape[0], 2)
 
 
+def grid_locations(num_glimpses):
+    """A raster of n x n cell centres, n = ceil(sqrt(T)), row by row from the top left, the
+    first T of them: (T, 2) locations (x, y) in [-1, 1]."""
+    n = math.ceil(math.sqrt(num_glimpses))
+    centres = (2 * torch.arange(n, dtype=torch.float32) + 1) / n - 1  # (n,)
+    ys, xs = torch.meshgrid(centres, centres, indexing="ij")  # (n, n) each
+    return torch.stack([xs.flatten(), ys.flatten()], -1)[:num_glimpses]  # (T, 2)
+
+
 class GridPolicy(FixedPolicy):
     """A fixed scan that covers the image: a raster of n x n cell centres, n = ceil(sqrt(T)),
     row by row from the top left, glimpse t at the t-th. For 9 glimpses the centres are at
@@ -370,11 +391,7 @@ class GridPolicy(FixedPolicy):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
-        n = math.ceil(math.sqrt(cfg.num_glimpses))
-        centres = (2 * torch.arange(n, dtype=torch.float32) + 1) / n - 1  # (n,)
-        ys, xs = torch.meshgrid(centres, centres, indexing="ij")  # (n, n) each
-        grid = torch.stack([xs.flatten(), ys.flatten()], -1)[:cfg.num_glimpses]  # (T, 2)
-        self.register_buffer("grid", grid, persistent=False)
+        self.register_buffer("grid", grid_locations(cfg.num_glimpses), persistent=False)
 
     def place(self, h, t, noise):
         return self.grid[t].to(h.dtype).expand(h.shape[0], 2)

@@ -19,6 +19,7 @@ Patch size, scale and count come from the data file, never from the folder's nam
 imported inside the drawing functions only, so training does not pay for it.
 """
 
+import json
 import math
 import os
 import re
@@ -86,7 +87,7 @@ def write_glimpse_data(model, images, epoch, folder):
     try:
         with torch.no_grad(), torch.random.fork_rng(
                 devices=[] if device.type == "cpu" else [device], device_type=device.type):
-            out = model(images, keep_patches=True)
+            out = model(images, decode="plots")
     finally:
         model.train(was_training)
     arrays = {
@@ -309,19 +310,79 @@ def write_gif(data, path):
     return path
 
 
+CURVES = (  # metrics.jsonl key, panel title
+    ("train_recon", "train reconstruction MSE"), ("valid_psnr", "validation PSNR (dB)"),
+    ("valid_acc", "validation accuracy (%, probe under unsupervised)"),
+    ("valid_loc_spread", "location spread across images"),
+    ("valid_distinct", "distinct glimpses per episode"), ("train_images_per_s", "images/s"),
+)
+
+
+def read_metrics(path):
+    """The epoch lines of a metrics.jsonl that training wrote, as a list of dicts."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def draw_curves(runs, out):
+    """One panel per CURVES entry, one line per run; `runs` maps a label to its epoch lines."""
+    fig = _new_figure((12, 7), 100)
+    for i, (key, title) in enumerate(CURVES, start=1):
+        ax = fig.add_subplot(2, 3, i)
+        for label, lines in runs.items():
+            points = [(m["epoch"], m[key]) for m in lines if key in m]
+            if points:
+                ax.plot(*zip(*points, strict=True), label=label, marker=".")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+    fig.axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out)
+    return out
+
+
 def parse_args(argv=None):
     p = OneLineParser(
         prog="plot_glimpses.py", allow_abbrev=False,
         description="Draw the glimpse sheet (PNG) and animation (GIF) of one epoch from the "
-        "glimpses_epoch_<epoch>.npz that training wrote; they are written next to it.")
-    p.add_argument("--plot_dir", required=True,
+        "glimpses_epoch_<epoch>.npz that training wrote; they are written next to it. With "
+        "--metrics, draw learning curves instead.")
+    p.add_argument("--plot_dir",
                    help="folder holding the glimpse data of one model, e.g. ./plots/ram_9_6x6_2/")
-    p.add_argument("--epoch", type=int, required=True, help="the epoch whose glimpses to draw")
-    return p.parse_args(argv)
+    p.add_argument("--epoch", type=int, help="the epoch whose glimpses to draw")
+    p.add_argument("--metrics", nargs="+", metavar="METRICS_JSONL",
+                   help="draw the learning curves of these runs (ckpt/<name>/metrics.jsonl) "
+                   "into one PNG")
+    p.add_argument("--out", default="curves.png", help="with --metrics: the PNG to write")
+    args = p.parse_args(argv)
+    if args.metrics is None and (args.plot_dir is None or args.epoch is None):
+        p.error("pass --plot_dir and --epoch (glimpses), or --metrics (learning curves)")
+    return args
+
+
+def plot_curves(args):
+    try:
+        runs = {os.path.basename(os.path.dirname(os.path.abspath(path))) or path:
+                read_metrics(path) for path in args.metrics}
+    except (OSError, ValueError) as e:
+        print(f"plot_glimpses.py: error: cannot read the metrics ({e}); pass the metrics.jsonl "
+              "files that training wrote", file=sys.stderr)
+        return 2
+    print(draw_curves(runs, args.out))
+    return 0
 
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        return plot_curves(args) if args.metrics is not None else plot_epoch(args)
+    except OSError as e:
+        print(f"plot_glimpses.py: error: cannot write the figure ({e.strerror or e}); pass a "
+              "folder you can write to, with room", file=sys.stderr)
+        return 2
+
+
+def plot_epoch(args):
     path = data_path(args.plot_dir, args.epoch)
     if not os.path.isfile(path):
         epochs = ", ".join(map(str, saved_epochs(args.plot_dir))) or "none"

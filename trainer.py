@@ -3,8 +3,9 @@
 import json
 import math
 import os
+import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,14 @@ from checkpoints import (
 )
 from config import TrainConfig, model_name
 from data_loader import to_float
-from model import LossWeights, RecurrentAttention, compute_losses, psnr
+from model import (
+    LossWeights,
+    RecurrentAttention,
+    Steered,
+    compute_losses,
+    distinct_glimpses,
+    psnr,
+)
 from modules import ModelConfig
 from utils import (
     SINGLE_PROCESS,
@@ -32,12 +40,14 @@ from utils import (
     atomic_write,
     autocast,
     compile_model,
+    linear_evaluation,
     on_main,
     progress,
     remove_temporaries,
     seed_everything,
 )
 
+METRICS_NAME = "metrics.jsonl"  # one JSON line per epoch in the run's checkpoint folder
 NOISE_STRIDE = 1_000_003  # a prime above any split size: (seed, image) pairs never collide
 LOSS_TERMS = ("recon", "classify", "reinforce", "baseline", "total")  # compute_losses' keys
 
@@ -133,17 +143,17 @@ def evaluate_batch(model, x, positions, train_cfg: TrainConfig):
 
     Returns the class probabilities (B, classes) and the error of the final reconstruction
     (B,), each averaged over the paths in float64, path after path, so that neither depends on
-    how the paths are chunked; and aims (T, B, 2), where the policy aimed on each image's first
-    path.
+    how the paths are chunked; aims (T, B, 2), where the policy aimed on each image's first
+    path; and distinct (B,), how many of that path's glimpses looked somewhere new.
     """
     B, M = x.shape[0], train_cfg.M
     noise = EvaluationNoise(positions, model.cfg.num_glimpses, train_cfg.random_seed)
     per_pass = max(1, train_cfg.eval_chunk // B)
-    probs = errors = aims = None
+    probs = errors = aims = distinct = None
     for first in range(0, M, per_pass):
         paths = min(per_pass, M - first)
         with autocast(x.device, train_cfg.amp):
-            out = model(x, every_step=False, noise=noise.draw(paths).to(x.device),
+            out = model(x, decode="last", noise=noise.draw(paths).to(x.device),
                         paths=paths)  # (paths*B, ...)
         chunk_probs = out.log_probs.float().exp().view(paths, B, -1).double()  # (paths, B, K)
         chunk_errors = out.errors[-1].view(paths, B).double()  # (paths, B)
@@ -152,7 +162,8 @@ def evaluate_batch(model, x, positions, train_cfg: TrainConfig):
             errors = chunk_errors[m] if errors is None else errors + chunk_errors[m]
         if aims is None:
             aims = out.loc_means[:, :B]  # (T, B, 2), the first path
-    return probs / M, errors / M, aims
+            distinct = distinct_glimpses(out.locations[:, :B], model.cfg)  # (B,)
+    return probs / M, errors / M, aims, distinct
 
 
 @torch.no_grad()
@@ -167,27 +178,44 @@ def evaluate(model, loader, train_cfg: TrainConfig, device, procs=SINGLE_PROCESS
     Where the policy aims (its mean, without the exploration noise) on each image's first
     path: loc_mean and loc_std, (T, 2) lists, the mean and std across images per glimpse and
     axis; loc_spread, loc_std averaged: 0 means every image gets the same path, uniform random
-    locations give about 0.58.
+    locations give about 0.58. distinct: the mean number of glimpses per episode (first path)
+    whose centre is at least g/2 px from every earlier one's.
     """
     model.eval()
     T = model.cfg.num_glimpses
-    # correct, summed squared error, images; then the aims' sums and sums of squares, (T, 2) each
-    sums = torch.zeros(3 + 4 * T, dtype=torch.float64)
+    # correct, summed squared error, images, distinct glimpses; then the aims' sums and sums
+    # of squares, (T, 2) each
+    sums = torch.zeros(4 + 4 * T, dtype=torch.float64)
     for images, labels, positions in loader:
         x, y = to_float(images, device), labels.to(device, non_blocking=True)
-        probs, errors, aims = evaluate_batch(model, x, positions, train_cfg)
+        probs, errors, aims, distinct = evaluate_batch(model, x, positions, train_cfg)
         aims = aims.double().cpu()  # (T, B, 2)
         counts = torch.tensor([float((probs.argmax(-1) == y).sum()), float(errors.sum()),
-                               len(y)], dtype=torch.float64)
+                               len(y), float(distinct.sum())], dtype=torch.float64)
         sums += torch.cat([counts, aims.sum(1).flatten(), aims.pow(2).sum(1).flatten()])
     totals = all_reduce(sums, procs)
-    correct, sq_err, seen = totals[:3].tolist()
-    aim_mean = totals[3:3 + 2 * T].view(T, 2) / seen
-    aim_std = (totals[3 + 2 * T:].view(T, 2) / seen - aim_mean.pow(2)).clamp_(min=0).sqrt()
+    correct, sq_err, seen, distinct = totals[:4].tolist()
+    aim_mean = totals[4:4 + 2 * T].view(T, 2) / seen
+    aim_std = (totals[4 + 2 * T:].view(T, 2) / seen - aim_mean.pow(2)).clamp_(min=0).sqrt()
     mse = sq_err / seen
     return {"acc": 100.0 * correct / seen, "mse": mse, "psnr": psnr(mse),
-            "loc_spread": aim_std.mean().item(), "loc_mean": aim_mean.tolist(),
-            "loc_std": aim_std.tolist()}
+            "loc_spread": aim_std.mean().item(), "distinct": distinct / seen,
+            "loc_mean": aim_mean.tolist(), "loc_std": aim_std.tolist()}
+
+
+@torch.no_grad()
+def encode(model, loader, train_cfg: TrainConfig, device):
+    """The model's code (what the probe reads) of every image of `loader`, from one glimpse
+    path with the evaluation noise, and the labels: (N, hidden) and (N,) on the CPU."""
+    model.eval()
+    codes, labels = [], []
+    for images, y, positions in loader:
+        noise = EvaluationNoise(positions, model.cfg.num_glimpses, train_cfg.random_seed)
+        with autocast(device, train_cfg.amp):
+            out = model(to_float(images, device), decode="last", noise=noise.draw(1).to(device))
+        codes.append(out.code.float().cpu())
+        labels.append(y)
+    return torch.cat(codes), torch.cat(labels)
 
 
 def resume_changes(ckpt, train_cfg: TrainConfig, weights: LossWeights):
@@ -231,7 +259,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="max", factor=0.1, patience=train_cfg.lr_patience)
         self.epoch = 0
-        self.best_valid_acc = -math.inf
+        self.best_score = -math.inf
         self.epochs_since_best = 0
 
     # ---------------------------------------------------------------- checkpoints
@@ -251,7 +279,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch,
-            "best_valid_acc": self.best_valid_acc,
+            "best_score": self.best_score,
             "epochs_since_best": self.epochs_since_best,
             "model_config": asdict(self.cfg),
             "loss_weights": asdict(self.weights),
@@ -352,7 +380,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self._apply(changes)
-        self.best_valid_acc = ckpt["best_valid_acc"]
+        self.best_score = ckpt["best_score"]
         self.epochs_since_best = ckpt["epochs_since_best"]
         train_loader.load_state_dict(ckpt["loader"])
         self._restore_rng(path, ckpt["rng"])
@@ -437,6 +465,13 @@ class Trainer:
         bar.close()
         return tally.metrics(self.procs, time.perf_counter() - start), stopped
 
+    @property
+    def selection(self):
+        """The validation figure that picks best.pth and drives the schedule and early
+        stopping: the reconstruction's PSNR under `unsupervised`, so that no label touches the
+        model or its choice; the accuracy under `supervised`."""
+        return "psnr" if self.cfg.objective == "unsupervised" else "acc"
+
     def validate(self, valid_loader, metrics):
         """Evaluate after an epoch and count it for the scheduler and early stopping. Returns
         whether it is the best epoch so far, and `metrics` with the validation figures."""
@@ -445,10 +480,11 @@ class Trainer:
         metrics = {**metrics, **{f"valid_{k}": v for k, v in valid.items()
                                  if k not in ("loc_mean", "loc_std")}}
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step(valid["acc"])
-        is_best = valid["acc"] > self.best_valid_acc
+        score = valid[self.selection]
+        self.scheduler.step(score)
+        is_best = score > self.best_score
         if is_best:
-            self.best_valid_acc, self.epochs_since_best = valid["acc"], 0
+            self.best_score, self.epochs_since_best = score, 0
         else:
             self.epochs_since_best += 1
         return is_best, metrics
@@ -456,7 +492,7 @@ class Trainer:
     def _patience_ran_out(self):
         if self.epochs_since_best < self.train_cfg.train_patience:
             return False
-        print_main(self.procs, "stopping early: no better validation accuracy in "
+        print_main(self.procs, f"stopping early: no better validation {self.selection} in "
                    f"{self.train_cfg.train_patience} epochs")
         return True
 
@@ -486,8 +522,17 @@ class Trainer:
                 raise TrainingInterrupted(path, self.epoch, 0)
 
     def report(self, metrics, is_best, writer):
-        """The epoch's line on stdout, and its scalars in TensorBoard when `writer` is given."""
+        """The epoch's line on stdout and in <ckpt folder>/metrics.jsonl (what
+        `plot_glimpses.py --metrics` draws), its scalars in TensorBoard when `writer` is given."""
         print_main(self.procs, format_epoch(self.epoch, self.train_cfg.epochs, metrics, is_best))
+        if self.procs.is_main:
+            line = json.dumps({"epoch": self.epoch, "best": is_best, **metrics})
+            try:
+                with open(os.path.join(self.ckpt_folder, METRICS_NAME), "a") as f:
+                    f.write(line + "\n")
+            except OSError as e:
+                print(f"warning: could not append to {METRICS_NAME} ({e.strerror}); training "
+                      "goes on", file=sys.stderr)
         if writer is not None:
             for key, value in metrics.items():
                 writer.add_scalar(key, value, self.epoch)
@@ -495,6 +540,22 @@ class Trainer:
 
     def test(self, test_loader):
         return evaluate(self.eval_model, test_loader, self.train_cfg, self.device, self.procs)
+
+    def adaptivity(self, loader):
+        """What content-driven attention buys: the figures of one path per image, each image
+        glimpsed where the policy aims on it (no exploration noise), and the same with every
+        image glimpsed along the mean of those paths. Returns (own, mean), evaluate's dicts."""
+        one_path = replace(self.train_cfg, M=1)
+        own = evaluate(Steered(self.model), loader, one_path, self.device, self.procs)
+        mean_path = torch.tensor(own["loc_mean"], device=self.device)  # (T, 2)
+        mean = evaluate(Steered(self.model, mean_path), loader, one_path, self.device, self.procs)
+        return own, mean
+
+    def linear_evaluation(self, loaders):
+        """Offline linear evaluation: a logistic regression on the frozen codes of the
+        (train, valid, test) loaders' images; see utils.linear_evaluation."""
+        codes = [encode(self.model, loader, self.train_cfg, self.device) for loader in loaders]
+        return linear_evaluation(*codes, num_classes=self.cfg.num_classes)
 
 
 def print_main(procs, text):

@@ -254,7 +254,14 @@ class RunLock:
         self.folder, self.fd = folder, None
 
     def acquire(self):
-        os.makedirs(self.folder, exist_ok=True)
+        if os.path.exists(self.folder) and not os.path.isdir(self.folder):
+            raise UserError(f"{self.folder} is a file, where this run's folder should be; move "
+                            "it away or pass another --ckpt_dir")
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the run folder {self.folder} ({e.strerror}); pass "
+                            "a --ckpt_dir you can write to") from None
         fd = os.open(os.path.join(self.folder, self.NAME), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

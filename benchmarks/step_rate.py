@@ -32,6 +32,16 @@ def rate(run, seconds):
     return statistics.median(rates)
 
 
+def loss_arguments(compute_losses, x, y, cfg):
+    """What this checkout's compute_losses takes between the rollout and the weights: (x, y,
+    objective) before the Gram-form decoder, (y, objective) for a few commits, (y, cfg) since
+    the reward and baseline options."""
+    params = inspect.signature(compute_losses).parameters
+    if "x" in params:
+        return x, y, cfg.objective
+    return (y, cfg) if "cfg" in params else (y, cfg.objective)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("repo", help="the checkout to measure")
@@ -51,11 +61,7 @@ def main():
     x, y = torch.rand(BATCH, 3, 32, 32), torch.randint(0, 10, (BATCH,))
     locations = torch.rand(cfg.num_glimpses, BATCH, 2) * 2 - 1
 
-    # compute_losses took (out, x, y, objective, weights) before the Gram-form decoder, and
-    # (out, y, cfg, weights) since the reward and baseline options.
-    params = inspect.signature(compute_losses).parameters
-    given = (x, y, cfg.objective) if "x" in params else (y, cfg) if "cfg" in params \
-        else (y, cfg.objective)
+    given = loss_arguments(compute_losses, x, y, cfg)
 
     def train_step():
         losses = compute_losses(model(x), *given, LossWeights())

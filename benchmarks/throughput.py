@@ -20,7 +20,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import build_parser, loss_weights, model_config  # noqa: E402
+from config import (  # noqa: E402
+    build_parser,
+    loss_weights,
+    model_config,
+    positive_float,
+    positive_int,
+)
 from model import RecurrentAttention, compute_losses  # noqa: E402
 from trainer import make_optimizer  # noqa: E402
 from utils import UserError, autocast, compile_model, pick_device  # noqa: E402
@@ -54,9 +60,9 @@ def parse(argv):
     parser = build_parser()
     parser.prog = "throughput.py"
     bench = parser.add_argument_group("benchmark")
-    bench.add_argument("--seconds", type=float, default=10.0,
+    bench.add_argument("--seconds", type=positive_float, default=10.0,
                        help="time spent measuring each of the three rates")
-    bench.add_argument("--threads", type=int, default=torch.get_num_threads(),
+    bench.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
                        help="torch intra-op threads on the CPU")
     args = parser.parse_args(argv)
     try:
@@ -88,7 +94,7 @@ def steps(args, cfg, device):
     @torch.no_grad()
     def eval_step():
         with autocast(device, args.amp):
-            step_model(x, every_step=False)
+            step_model(x, decode="last")
 
     @torch.no_grad()
     def sensor_step():

@@ -184,3 +184,48 @@ def test_resuming_another_training_split_is_refused():
     state = loader(50, 8).state_dict()
     with pytest.raises(UserError, match="--valid_size"):
         loader(60, 8).load_state_dict(state)
+
+
+@pytest.mark.parametrize("num_images", [17, 18, 19, 26])
+def test_no_process_ever_gets_a_batch_of_one_image(num_images):
+    """torchrun with --batch_size=149 on 45,000 images left each process one image at the end
+    (22,500 % 149 == 1): the probe's BatchNorm cannot train on it."""
+    for world in (2, 3):
+        for rank in range(world):
+            batches = loader(num_images, 4, procs=Procs(rank, world, rank)).epoch(0)
+            assert all(len(y) > 1 for _, y, _ in batches), (num_images, world, rank)
+
+
+def corrupt_zero_bytes(path):
+    path.write_bytes(b"")
+
+
+def corrupt_truncated(path):
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def corrupt_labels(path):
+    with np.load(path) as cache:
+        arrays = dict(cache)
+    arrays["train_y"] = arrays["train_y"].astype(np.int64) - 1  # -1 .. 8
+    np.savez(path, **arrays)
+
+
+def corrupt_empty_test(path):
+    with np.load(path) as cache:
+        arrays = dict(cache)
+    arrays["test_x"], arrays["test_y"] = arrays["test_x"][:0], arrays["test_y"][:0]
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("corrupt", [corrupt_zero_bytes, corrupt_truncated, corrupt_labels,
+                                     corrupt_empty_test])
+def test_a_bad_cache_is_fetched_again(tiny_cifar, corrupt, capsys):
+    data_dir, written = tiny_cifar
+    load_cifar10(str(data_dir))
+    cache = data_dir / data_loader.CACHE_NAME
+    corrupt(cache)
+    arrays = load_cifar10(str(data_dir))
+    assert np.array_equal(arrays["train_y"], written["train_y"])
+    assert np.array_equal(arrays["test_x"], written["test_x"])
+    assert "fetching CIFAR-10 again" in capsys.readouterr().out

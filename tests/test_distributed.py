@@ -37,7 +37,9 @@ def test_two_processes_train_log_once_and_agree_with_one(tiny_cifar, tmp_path):
     assert "x 2 processes" in done.stdout
     folder = tmp_path / "ckpt" / "ram_3_6x6_2"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "best.pth", "config.json", "epoch_1.pth", "latest.pth", "run.lock"]  # no temporaries
+        "best.pth", "config.json", "epoch_1.pth", "latest.pth", "metrics.jsonl",
+        "run.lock"]  # no temporaries
+    assert len((folder / "metrics.jsonl").read_text().splitlines()) == 1  # rank 0 alone
     assert (tmp_path / "plots" / "ram_3_6x6_2" / "glimpses_epoch_1.npz").is_file()
 
     ckpt = load_checkpoint(str(folder / "epoch_1.pth"))

@@ -1,6 +1,7 @@
 """main.py end to end, as a user runs it, on a tiny CIFAR-10 written in the official layout."""
 
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -15,7 +16,7 @@ from config import (
     parse_args,
     train_config,
 )
-from conftest import run_main
+from conftest import ROOT, run_main
 from model import LossWeights
 from modules import ModelConfig
 from utils import SINGLE_PROCESS, Procs, UserError, pick_device, progress
@@ -140,3 +141,38 @@ def test_each_config_has_the_flags_defaults():
     assert model_config(args) == ModelConfig()
     assert loss_weights(args) == LossWeights()
     assert train_config(args) == TrainConfig()
+
+
+def test_a_file_where_the_run_folder_should_be_is_one_line(tiny_cifar, tmp_path):
+    data_dir, _ = tiny_cifar
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "ram_3_6x6_2").write_text("not a folder")
+    done = run_main("--epochs=1", f"--data_dir={data_dir}", *outputs(tmp_path), *FAST)
+    assert done.returncode == 2
+    assert "is a file, where this run's folder should be" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("flag", ["--seconds=nan", "--seconds=0", "--threads=0"])
+def test_benchmark_refuses_bad_values_in_one_line(flag):
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"),
+                           flag], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_a_stop_signal_in_a_forked_data_worker_is_left_to_the_training_process(capsys):
+    import signal
+
+    from main import StopOnSignal
+
+    stop = StopOnSignal()
+    pid = os.fork()
+    if pid == 0:  # the worker: the inherited handler must neither print nor stop anything
+        stop(signal.SIGINT, None)
+        os._exit(3 if stop.requested() else 0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert "stopping" not in capsys.readouterr().err
+    stop(signal.SIGINT, None)  # the training process itself
+    assert stop.requested() and "stopping after this step" in capsys.readouterr().err

@@ -52,7 +52,7 @@ def test_every_module_has_the_documented_shapes():
 
 def test_rollout_shapes():
     cfg = ModelConfig()
-    out = RecurrentAttention(cfg)(torch.rand(B, 3, 32, 32), keep_patches=True)
+    out = RecurrentAttention(cfg)(torch.rand(B, 3, 32, 32), decode="plots")
     T = cfg.num_glimpses
     assert out.locations.shape == out.loc_means.shape == (T, B, 2)
     assert out.log_pi.shape == out.baselines.shape == (T, B)
@@ -66,12 +66,12 @@ def test_prediction_is_the_cumulative_sum_of_step_outputs():
     model = RecurrentAttention(cfg)
     x = torch.rand(B, 3, 32, 32)
     torch.manual_seed(0)
-    out = model(x, keep_patches=True)
+    out = model(x, decode="plots")
     assert torch.allclose(out.recon, out.decoded.cumsum(0), atol=1e-5)
     by_hand = (out.recon - x).pow(2).flatten(2).mean(-1)  # (T, B)
     assert torch.allclose(out.errors, by_hand, rtol=1e-4, atol=1e-6)
     torch.manual_seed(0)
-    last = model(x, every_step=False)
+    last = model(x, decode="last")
     assert last.recon is None and last.errors.shape == (1, B)
     assert torch.allclose(last.errors[0], by_hand[-1], rtol=1e-4, atol=1e-6)
 
@@ -81,8 +81,8 @@ def test_paths_equal_a_batch_of_repeated_images():
     model = RecurrentAttention(cfg)
     x, M = torch.rand(B, 3, 32, 32), 3
     noise = torch.randn(cfg.num_glimpses, M * B, 2)
-    paths = model(x, every_step=False, noise=noise, paths=M)
-    repeated = model(x.repeat(M, 1, 1, 1), every_step=False, noise=noise)
+    paths = model(x, decode="last", noise=noise, paths=M)
+    repeated = model(x.repeat(M, 1, 1, 1), decode="last", noise=noise)
     assert paths.errors.shape == (1, M * B)
     torch.testing.assert_close(paths.errors, repeated.errors, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(paths.log_probs, repeated.log_probs)
@@ -231,13 +231,16 @@ def test_supervised_reward_is_one_for_a_correct_class():
     assert (grad[:, 0] < 0).all() and (grad[:, 1] > 0).all()
 
 
-def test_loss_weights_scale_their_terms():
+@pytest.mark.parametrize("term", ["recon", "classify", "reinforce", "baseline"])
+def test_each_loss_weight_scales_its_own_term(term):
     model = RecurrentAttention(ModelConfig(**SMALL))
     x = torch.rand(8, 3, 32, 32)
-    weights = LossWeights(recon_weight=2.0, classify_weight=0.0, reinforce_weight=0.0,
-                          baseline_weight=0.0)
+    weights = LossWeights(**{f"{name}_weight": 3.0 if name == term else 0.0
+                             for name in ("recon", "classify", "reinforce", "baseline")})
+    torch.manual_seed(0)
     losses = compute_losses(model(x), torch.arange(8) % 10, model.cfg, weights)
-    assert torch.allclose(losses["total"], 2.0 * losses["recon"])
+    assert losses[term].abs() > 0
+    assert torch.allclose(losses["total"], 3.0 * losses[term])
 
 
 def test_config_rejects_sizes_the_model_cannot_be_built_with():
@@ -335,3 +338,15 @@ def test_a_step_aware_policy_aims_apart_from_the_same_state():
     assert not torch.allclose(first, second)
     plain = RecurrentAttention(ModelConfig(**SMALL)).locator
     assert plain.step is None and torch.equal(plain(h, 0)[2], plain(h, 1)[2])
+
+
+def test_a_grid_prior_policy_starts_near_the_grid_scan():
+    cfg = ModelConfig(**{**SMALL, "num_glimpses": 9}, policy_input="grid_prior", std=1e-4)
+    model = RecurrentAttention(cfg)
+    grid = RecurrentAttention(dataclasses.replace(cfg, policy="grid"))
+    out = model(torch.rand(B, 3, 32, 32))
+    expected = grid(torch.rand(B, 3, 32, 32)).locations
+    assert torch.allclose(out.loc_means, expected, atol=1e-6)
+    losses = compute_losses(out, torch.arange(B) % 10, cfg, LossWeights())
+    losses["reinforce"].backward()
+    assert (model.locator.fc_mu.weight.grad != 0).any()  # it can learn to move per image
