@@ -26,7 +26,7 @@ def record_pass_sizes(model):
     forward = model.forward
 
     def recorded(x, **kwargs):
-        sizes.append(x.shape[0])
+        sizes.append(x.shape[0] * kwargs.get("paths", 1))  # the rollout runs paths x images
         return forward(x, **kwargs)
     model.forward = recorded
     return sizes
