@@ -47,6 +47,9 @@ from utils import (
     seed_everything,
 )
 
+# What a checkpoint written before a ModelConfig field existed did instead (the probe read h_T).
+OLDER_MODEL_CONFIG = {"reward": "sum", "baseline": "shared", "probe_input": "last",
+                      "policy_input": "state"}
 METRICS_NAME = "metrics.jsonl"  # one JSON line per epoch in the run's checkpoint folder
 NOISE_STRIDE = 1_000_003  # a prime above any split size: (seed, image) pairs never collide
 LOSS_TERMS = ("recon", "classify", "reinforce", "baseline", "total")  # compute_losses' keys
@@ -357,7 +360,8 @@ class Trainer:
     def load(self, path):
         """Load the weights and epoch of the checkpoint at `path`; returns the checkpoint."""
         ckpt = load_checkpoint(path)
-        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["model_config"].items()}
+        saved = {k: tuple(v) if isinstance(v, list) else v
+                 for k, v in {**OLDER_MODEL_CONFIG, **ckpt["model_config"]}.items()}
         differing = [f"{k}: checkpoint {saved.get(k)!r}, flags {v!r}"
                      for k, v in asdict(self.cfg).items() if saved.get(k) != v]
         if differing:

@@ -350,3 +350,20 @@ def test_a_grid_prior_policy_starts_near_the_grid_scan():
     losses = compute_losses(out, torch.arange(B) % 10, cfg, LossWeights())
     losses["reinforce"].backward()
     assert (model.locator.fc_mu.weight.grad != 0).any()  # it can learn to move per image
+
+
+def test_a_checkpoint_from_before_the_new_model_options_loads_with_their_old_behaviour(
+        tmp_path):
+    from config import train_config
+    from trainer import Trainer
+
+    train_cfg = train_config(parse_args([f"--ckpt_dir={tmp_path}"]))
+    older = Trainer(ModelConfig(**SMALL, probe_input="last"), LossWeights(), train_cfg, torch.device("cpu"))
+    new_fields = ("reward", "baseline", "probe_input", "policy_input")
+    saved = {k: v for k, v in dataclasses.asdict(older.cfg).items() if k not in new_fields}
+    path = str(tmp_path / "older.pth")
+    torch.save({"model": older.model.state_dict(), "epoch": 1, "model_config": saved}, path)
+    assert older.load(path)["epoch"] == 1  # its probe read h_T: --probe_input=last loads it
+    summed = Trainer(ModelConfig(**SMALL), LossWeights(), train_cfg, torch.device("cpu"))
+    with pytest.raises(UserError, match="probe_input: checkpoint 'last', flags 'summed'"):
+        summed.load(path)
