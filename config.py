@@ -134,8 +134,9 @@ def _core_flags(p):
 def _loss_flags(p):
     loss = p.add_argument_group("objective and loss weights")
     loss.add_argument("--objective", choices=OBJECTIVES, default="unsupervised",
-                      help="unsupervised: reconstruction trains the model, labels reach only "
-                      "a probe on the detached final state; supervised: RAM's hybrid loss")
+                      help="unsupervised: reconstruction trains the model and picks its "
+                      "checkpoint, labels reach only a probe on the detached code; supervised: "
+                      "RAM's hybrid loss")
     loss.add_argument("--reward", choices=REWARDS, default="sum",
                       help="unsupervised reward of a location: sum: minus the errors after its "
                       "glimpse and every later one; gain: how much its own glimpse lowered the "

@@ -181,3 +181,16 @@ def test_importing_the_module_does_not_import_matplotlib():
         [sys.executable, "-c", "import sys, plot_glimpses; print('matplotlib' in sys.modules)"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_an_unwritable_output_folder_is_one_line(saved, monkeypatch, capsys):
+    _, _, path = saved
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plot_glimpses, "write_sheet", full)
+    assert plot_glimpses.main([f"--plot_dir={os.path.dirname(path)}", "--epoch=1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the figure (No space left on device)" in err
+    assert err.count("\n") == 1
