@@ -357,13 +357,13 @@ def test_a_checkpoint_from_before_the_new_model_options_loads_with_their_old_beh
     from config import train_config
     from trainer import Trainer
 
-    train_cfg = train_config(parse_args([f"--ckpt_dir={tmp_path}"]))
-    older = Trainer(ModelConfig(**SMALL, probe_input="last"), LossWeights(), train_cfg, torch.device("cpu"))
+    train_cfg, cpu = train_config(parse_args([f"--ckpt_dir={tmp_path}"])), torch.device("cpu")
+    older = Trainer(ModelConfig(**SMALL, probe_input="last"), LossWeights(), train_cfg, cpu)
     new_fields = ("reward", "baseline", "probe_input", "policy_input")
     saved = {k: v for k, v in dataclasses.asdict(older.cfg).items() if k not in new_fields}
     path = str(tmp_path / "older.pth")
     torch.save({"model": older.model.state_dict(), "epoch": 1, "model_config": saved}, path)
     assert older.load(path)["epoch"] == 1  # its probe read h_T: --probe_input=last loads it
-    summed = Trainer(ModelConfig(**SMALL), LossWeights(), train_cfg, torch.device("cpu"))
+    summed = Trainer(ModelConfig(**SMALL), LossWeights(), train_cfg, cpu)
     with pytest.raises(UserError, match="probe_input: checkpoint 'last', flags 'summed'"):
         summed.load(path)
