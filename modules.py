@@ -512,22 +512,6 @@ class Decoder(nn.Module):
         return out.view(T, B, *self.shape)
 
     def errors(self, h, x, last_only=False):
-        """Mean squared error of every step's prediction (the last step's alone with
-        `last_only`), by whichever of `gram_errors` and `direct_errors` multiplies less.
-
-        Per batch the Gram form costs D n^2 + B D n + T' P B n^2 multiply-adds (D = C*H*W,
-        n = hidden + 1) and the canvases T' P B D n: training (T' = 9 steps) and evaluation
-        with several paths per image take the Gram form; one path's last step alone (the
-        benchmark's evaluation, the linear evaluation's codes) is cheaper through its canvas.
-        """
-        steps = 1 if last_only else h.shape[0]
-        n, D, B = h.shape[-1] + 1, self.fc.out_features, x.shape[0]
-        gram = D * n * n + B * D * n + steps * h.shape[1] * n * n
-        if steps * h.shape[1] * D * n <= gram:
-            return self.direct_errors(h, x, last_only)
-        return self.gram_errors(h, x, last_only)
-
-    def gram_errors(self, h, x, last_only=False):
         """Mean squared error of every step's prediction, without building the predictions.
 
         With z_t = [s_t, t] and A = [W, b], x_hat_t = A z_t, so for each image
@@ -561,14 +545,14 @@ class Decoder(nn.Module):
         return (squared.clamp(min=0) / flat.shape[1]).flatten(1)  # (T', P*B)
 
     def direct_errors(self, h, x, last_only=False):
-        """The same errors as `gram_errors`, from the built predictions x_hat_t.
+        """The same errors as `errors`, from the built predictions x_hat_t.
 
-        (T', P*B, C*H*W) canvases and their differences: the path a non-linear decoder would
+        (T, P*B, C*H*W) canvases and their differences: the path a non-linear decoder would
         have to take, and the reference the tests hold the Gram form to.
         """
-        z, weight = self._augmented(h, last_only)  # (T', P*B, hidden+1)
-        recon = F.linear(z, weight).view(z.shape[0], -1, x.shape[0], x[0].numel())  # (T',P,B,D)
-        return (recon - x.flatten(1)).pow(2).mean(-1).flatten(1)  # (T', P*B)
+        recon = self(h)[-1:] if last_only else self(h)  # (T', P*B, C, H, W)
+        target = x.repeat(h.shape[1] // x.shape[0], 1, 1, 1)  # (P*B, C, H, W)
+        return (recon - target).pow(2).flatten(-3).mean(-1)
 
     def steps(self, h):
         """The output d_t of each step alone: (T, B, hidden_size) -> (T, B, C, H, W)."""
