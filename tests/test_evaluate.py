@@ -40,7 +40,13 @@ def test_chunked_paths_give_the_figures_of_one_pass_in_bounded_memory():
     sizes.clear()
     chunked = evaluate(model, loader, TrainConfig(M=6, eval_chunk=10), CPU)
     assert max(sizes) == 10  # two paths of 5 images per pass
-    assert chunked == whole
+    # Equal up to float rounding: with several threads a matrix product's rounding depends on
+    # its row count, so passes of another size may differ in the last bits.
+    assert chunked.keys() == whole.keys()
+    for key, value in whole.items():
+        torch.testing.assert_close(torch.tensor(chunked[key], dtype=torch.float64),
+                                   torch.tensor(value, dtype=torch.float64),
+                                   rtol=1e-6, atol=1e-9, msg=key)
     sizes.clear()
     evaluate(model, loader, TrainConfig(M=60, eval_chunk=10), CPU)
     assert max(sizes) == 10  # whatever M is
