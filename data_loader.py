@@ -442,7 +442,8 @@ def cifar10_evaluation_loaders(data_dir, valid_size, batching: Batching):
     train_idx, valid_idx = train_valid_split(len(arrays["train_x"]), valid_size)
     x, y = arrays["train_x"], arrays["train_y"]
     return [make_loader(x[idx.numpy()], y[idx.numpy()], batching, shuffle=False)
-            for idx in (train_idx, valid_idx)] + [cifar10_test_loader(data_dir, batching)]
+            for idx in (train_idx, valid_idx)] + [
+        make_loader(arrays["test_x"], arrays["test_y"], batching, shuffle=False)]
 
 
 def cifar10_test_loader(data_dir, batching: Batching):
