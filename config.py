@@ -7,6 +7,7 @@ import os
 import sys
 from dataclasses import dataclass, fields
 
+from datasets import DATASETS, DIGIT, DataSpec
 from model import LossWeights
 from modules import (
     BASELINES,
@@ -89,12 +90,15 @@ def _weight(text):
 
 def _glimpse_flags(p):
     glimpse = p.add_argument_group("glimpse sensor and networks")
-    glimpse.add_argument("--patch_size", type=positive_int, default=6,
-                         help="side g of the smallest (finest) patch of a glimpse, in pixels")
-    glimpse.add_argument("--glimpse_scale", type=positive_int, default=2,
-                         help="each further patch is this many times wider: g, g*s, g*s^2, ...")
-    glimpse.add_argument("--num_patches", type=positive_int, default=3,
-                         help="patches per glimpse, each pooled down to g x g")
+    glimpse.add_argument("--patch_size", type=positive_int, default=None,
+                         help="side g of the smallest (finest) patch of a glimpse, in pixels "
+                         "(default: the dataset's, see --dataset)")
+    glimpse.add_argument("--glimpse_scale", type=positive_int, default=None,
+                         help="each further patch is this many times wider: g, g*s, g*s^2, ... "
+                         "(default: the dataset's, see --dataset)")
+    glimpse.add_argument("--num_patches", type=positive_int, default=None,
+                         help="patches per glimpse, each pooled down to g x g (default: the "
+                         "dataset's, see --dataset)")
     glimpse.add_argument("--glimpse_hidden", type=positive_int, default=128,
                          help="width of the layer that reads the patches ('what')")
     glimpse.add_argument("--loc_hidden", type=positive_int, default=128,
@@ -103,13 +107,15 @@ def _glimpse_flags(p):
 
 def _core_flags(p):
     core = p.add_argument_group("core and policy")
-    core.add_argument("--num_glimpses", type=positive_int, default=9,
-                      help="glimpses per image (recurrent steps)")
+    core.add_argument("--num_glimpses", type=positive_int, default=None,
+                      help="glimpses per image (recurrent steps; default: the dataset's, see "
+                      "--dataset)")
     core.add_argument("--hidden_size", type=positive_int, default=256,
                       help="width of the core RNN's state h_t")
-    core.add_argument("--std", type=positive_float, default=0.05,
+    core.add_argument("--std", type=positive_float, default=None,
                       help="standard deviation of the Gaussian location policy (locations are "
-                      "in [-1, 1])")
+                      "in [-1, 1]; default: the dataset's, 0.05 on cifar10, 0.15 on mnist, 0.25 "
+                      "on translated and cluttered canvases)")
     core.add_argument("--policy", choices=tuple(POLICIES), default="learned",
                       help="where glimpses go: learned (REINFORCE); the ablations random "
                       "(uniform), centre, or grid (a fixed raster scan that covers the image)")
@@ -156,8 +162,19 @@ def _loss_flags(p):
 
 def _data_flags(p):
     data = p.add_argument_group("data")
+    data.add_argument("--dataset", choices=DATASETS, default="cifar10",
+                      help="cifar10; mnist; translated (a digit at a random place on a blank "
+                      "canvas); cluttered (the same plus 8x8 distractors). Each sets the "
+                      "glimpse flags left open: 9 x 6x6, 3 scales on cifar10; 6 x 8x8, 1 scale "
+                      "on mnist; 8 x 12x12 on a canvas, 3 scales on 60x60, 4 on 100x100")
     data.add_argument("--data_dir", default="./data",
-                      help="where CIFAR-10 is looked for and cached")
+                      help="where CIFAR-10 is looked for and cached, and MNIST is read from "
+                      "(MNIST/raw/, torchvision's layout)")
+    data.add_argument("--canvas_size", type=_int_at_least(DIGIT), default=60,
+                      help="side of the translated and cluttered canvases, in pixels")
+    data.add_argument("--distractors", type=_int_at_least(0), default=None,
+                      help="8x8 distractors per cluttered canvas (default: 4, or 8 on canvases "
+                      "of 100 px and more, as in RAM's benchmarks)")
     data.add_argument("--valid_size", type=_fraction, default=0.1,
                       help="fraction of the training split held out for validation (fixed split)")
     data.add_argument("--batch_size", type=_int_at_least(2), default=128,
@@ -222,7 +239,8 @@ def _output_flags(p):
 def build_parser():
     p = OneLineParser(prog="main.py", allow_abbrev=False,
                       description="Train or test the unsupervised recurrent attention model (RAM "
-                      "with an autoencoder head) on CIFAR-10.")
+                      "with an autoencoder head) on CIFAR-10, or on RAM's MNIST benchmarks "
+                      "(--dataset).")
     for add_group in (_glimpse_flags, _core_flags, _loss_flags, _data_flags, _training_flags,
                       _output_flags):
         add_group(p)
@@ -234,7 +252,10 @@ class TrainConfig:
     """Every option of a run that is neither the model's nor the loss's: the data, the training,
     evaluation and the outputs. One field per flag of the same name, with the same default."""
 
+    dataset: str = "cifar10"
     data_dir: str = "./data"
+    canvas_size: int = 60
+    distractors: int | None = None
     valid_size: float = 0.1
     batch_size: int = 128
     num_workers: int = 0
@@ -271,6 +292,12 @@ def ignored_flags(cfg: TrainConfig):
     if not cfg.is_train and cfg.resume:
         warnings.append("--resume=true is ignored with --is_train=false; testing reads the "
                         "checkpoint that --model_epoch or --best picks")
+    if cfg.dataset not in ("translated", "cluttered") and cfg.canvas_size != 60:
+        warnings.append(f"--canvas_size={cfg.canvas_size} is ignored with --dataset="
+                        f"{cfg.dataset}; it sizes the translated and cluttered canvases")
+    if cfg.dataset != "cluttered" and cfg.distractors is not None:
+        warnings.append(f"--distractors={cfg.distractors} is ignored with --dataset="
+                        f"{cfg.dataset}; only cluttered canvases have distractors")
     if cfg.is_train and cfg.lr_patience >= cfg.train_patience:
         warnings.append(f"--lr_patience={cfg.lr_patience} is not below --train_patience="
                         f"{cfg.train_patience}: training stops before the learning rate is cut")
@@ -282,12 +309,45 @@ def parse_args(argv=None):
     return build_parser().parse_args(sys.argv[1:] if argv is None else argv)
 
 
-def model_config(args, **overrides):
-    """The ModelConfig the flags describe; a combination it cannot be built with is a UserError."""
+def data_spec(args):
+    """The DataSpec the data flags describe."""
+    if args.dataset != "cluttered":
+        distractors = 0
+    else:
+        distractors = args.distractors
+        if distractors is None:
+            distractors = 8 if args.canvas_size >= 100 else 4
+    return DataSpec(args.dataset, args.canvas_size, distractors)
+
+
+def image_facts(data):
+    """The ModelConfig fields a dataset fixes: its tag, image shape, classes and pixel
+    statistics."""
+    return {"dataset": data.tag, "image_size": data.image_size,
+            "num_channels": data.num_channels, "num_classes": data.num_classes,
+            "pixel_mean": data.pixel_mean, "pixel_std": data.pixel_std}
+
+
+def model_config(args, data=None, **overrides):
+    """The ModelConfig the flags describe, on the images of `data` (a datasets.Data; None: the
+    dataset's image shape alone, with mid-grey pixel statistics, for random-image benchmarks).
+    Glimpse flags and --std left open take the dataset's defaults. Pure RAM (the supervised
+    objective with --recon_weight=0) gets no decoder at all. A combination the config cannot be
+    built with is a UserError."""
     chosen = {name: getattr(args, name) for name in (
         "patch_size", "glimpse_scale", "num_patches", "glimpse_hidden", "loc_hidden",
         "hidden_size", "num_glimpses", "std", "policy", "objective", "reward", "baseline",
         "probe_input", "policy_input")}
+    for name, value in data_spec(args).model_defaults().items():
+        if chosen[name] is None:
+            chosen[name] = value
+    chosen["decoder"] = not (args.objective == "supervised" and args.recon_weight == 0)
+    if data is not None:
+        chosen.update(image_facts(data))
+    elif args.dataset != "cifar10":  # the shape alone, for benchmarks on random images
+        channels, size = data_spec(args).image_shape
+        chosen.update(dataset=data_spec(args).tag, image_size=size, num_channels=channels,
+                      pixel_mean=(0.5,) * channels, pixel_std=(0.5,) * channels)
     try:
         return ModelConfig(**{**chosen, **overrides})
     except ValueError as e:
@@ -306,13 +366,17 @@ def loss_weights(args):
 
 
 def model_name(cfg: ModelConfig):
-    """ram_<glimpses>_<g>x<g>_<scale>, then _k<patches>, _<objective>, _<policy> and the reward,
+    """ram_[<dataset>_]<glimpses>_<g>x<g>_<scale> (the dataset's tag where it is not cifar10),
+    then _k<patches>, _<objective>, _nodecoder (pure RAM), _<policy> and the reward,
     baseline and probe options, each where it is not the default."""
-    name = f"ram_{cfg.num_glimpses}_{cfg.patch_size}x{cfg.patch_size}_{cfg.glimpse_scale}"
+    prefix = "ram" if cfg.dataset == ModelConfig.dataset else f"ram_{cfg.dataset}"
+    name = f"{prefix}_{cfg.num_glimpses}_{cfg.patch_size}x{cfg.patch_size}_{cfg.glimpse_scale}"
     if cfg.num_patches != ModelConfig.num_patches:
         name += f"_k{cfg.num_patches}"
     if cfg.objective != ModelConfig.objective:
         name += f"_{cfg.objective}"
+    if not cfg.decoder:
+        name += "_nodecoder"
     if cfg.policy != ModelConfig.policy:
         name += f"_{cfg.policy}"
     # Ablations get folders of their own.

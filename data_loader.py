@@ -1,4 +1,5 @@
-"""CIFAR-10 as in-memory uint8 arrays, and the batch loaders built on them.
+"""CIFAR-10 as in-memory uint8 arrays, and the batch loaders every dataset uses (datasets.py
+holds the datasets themselves).
 
 Where the images come from, each source tried only if the one before is missing or fails:
   0. our own cache, `cifar10_uint8.npz` in the data folder (written by any source below);
@@ -260,20 +261,26 @@ class ImageBatches(Dataset):
     Handing out whole batches (the sampler yields index tensors, the loader has batch_size=None)
     avoids collating 128 single images per step; one fancy-index copies the batch out.
     Images stay uint8 until they reach the device, where `to_float` scales them to [0, 1].
+    Indexed by (indices, draw) like every dataset of datasets.py; stored images ignore the draw.
     """
 
     def __init__(self, images, labels):
         self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
         self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.image_shape = tuple(self.images.shape[1:])  # (C, H, W)
 
     def __len__(self):
         return len(self.labels)
 
-    def __getitem__(self, index):
-        index = torch.as_tensor(index)
+    def __getitem__(self, key):
+        index = torch.as_tensor(key[0])
         # (B, C, H, W) uint8, (B,) labels, (B,) positions in the split (they fix each image's
         # evaluation noise, whoever evaluates it)
         return self.images[index], self.labels[index], index
+
+    def boxes(self, positions):
+        """Where the object of each image lies: unknown for stored photographs."""
+        return None
 
 
 def to_float(images, device):
@@ -326,8 +333,8 @@ class BatchLoader:
     batches of batch_size, so each image is evaluated exactly once, with no padding.
     """
 
-    def __init__(self, images, labels, batching: Batching):
-        self.dataset = ImageBatches(images, labels)
+    def __init__(self, dataset, batching: Batching):
+        self.dataset = dataset
         self.batching = batching
         self._sampler = _IndexBatches()
         # The DataLoader draws a seed for its workers from `generator`, a private one: the
@@ -338,8 +345,9 @@ class BatchLoader:
             persistent_workers=batching.num_workers > 0,
             generator=torch.Generator().manual_seed(batching.seed))
 
-    def _load(self, index_batches):
-        self._sampler.batches = index_batches
+    def _load(self, index_batches, draw=None):
+        """Iterate over the batches of `index_batches`, drawn with `draw` (see datasets.py)."""
+        self._sampler.batches = [(index, draw) for index in index_batches]
         return iter(self._loader)
 
     def __iter__(self):
@@ -355,13 +363,14 @@ class EpochLoader(BatchLoader):
     trains on its r-th batch_size of them. The loader counts the images its steps have taken
     (`state_dict`); an epoch stopped after k images goes on with image k + 1 of the same order
     after `load_state_dict`, whatever the batch size or number of processes are then, so every
-    image is trained on once per epoch. A last step with fewer images shares them evenly (the
-    fewer than world_size left over are skipped) and is dropped when it would give a process a
-    single image: the probe standardises over the batch.
+    image is trained on once per epoch. Epoch n's batches are drawn with draw n, so a synthetic
+    dataset places its digits afresh every epoch. A last step with fewer images shares them
+    evenly (the fewer than world_size left over are skipped) and is dropped when it would give
+    a process a single image: the probe standardises over the batch.
     """
 
-    def __init__(self, images, labels, batching: Batching):
-        super().__init__(images, labels, batching)
+    def __init__(self, dataset, batching: Batching):
+        super().__init__(dataset, batching)
         self._epoch, self._seen = 0, 0
         if not self._steps(self._order(0), 0):
             raise UserError(f"{len(self.dataset)} training images cannot make one batch of 2 "
@@ -397,8 +406,8 @@ class EpochLoader(BatchLoader):
         return _Sized(self._take(steps), len(steps))
 
     def _take(self, steps):
-        for batch, (_, taken) in zip(self._load([index for index, _ in steps]), steps,
-                                     strict=True):
+        for batch, (_, taken) in zip(self._load([index for index, _ in steps], self._epoch),
+                                     steps, strict=True):
             self._seen = taken  # counted as the batch is handed out: every one is trained on
             yield batch
         self._seen = len(self.dataset)
@@ -421,31 +430,6 @@ class EpochLoader(BatchLoader):
         self._epoch, self._seen = state["epoch"], state["images_seen"]
 
 
-def make_loader(images, labels, batching: Batching, shuffle):
+def make_loader(dataset, batching: Batching, shuffle):
     """An EpochLoader for training (`shuffle`), a BatchLoader for evaluation."""
-    return (EpochLoader if shuffle else BatchLoader)(images, labels, batching)
-
-
-def cifar10_loaders(data_dir, valid_size, batching: Batching):
-    """Train and validation loaders over the CIFAR-10 training split."""
-    arrays = load_cifar10(data_dir)
-    train_idx, valid_idx = train_valid_split(len(arrays["train_x"]), valid_size)
-    x, y = arrays["train_x"], arrays["train_y"]
-    train = make_loader(x[train_idx.numpy()], y[train_idx.numpy()], batching, shuffle=True)
-    valid = make_loader(x[valid_idx.numpy()], y[valid_idx.numpy()], batching, shuffle=False)
-    return train, valid
-
-
-def cifar10_evaluation_loaders(data_dir, valid_size, batching: Batching):
-    """Train, validation and test splits, each in a fixed order (for the linear evaluation)."""
-    arrays = load_cifar10(data_dir)
-    train_idx, valid_idx = train_valid_split(len(arrays["train_x"]), valid_size)
-    x, y = arrays["train_x"], arrays["train_y"]
-    return [make_loader(x[idx.numpy()], y[idx.numpy()], batching, shuffle=False)
-            for idx in (train_idx, valid_idx)] + [
-        make_loader(arrays["test_x"], arrays["test_y"], batching, shuffle=False)]
-
-
-def cifar10_test_loader(data_dir, batching: Batching):
-    arrays = load_cifar10(data_dir)
-    return make_loader(arrays["test_x"], arrays["test_y"], batching, shuffle=False)
+    return (EpochLoader if shuffle else BatchLoader)(dataset, batching)

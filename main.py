@@ -6,15 +6,16 @@ import sys
 
 import torch.distributed as dist
 
-from config import ignored_flags, loss_weights, model_config, parse_args, train_config
-from data_loader import (
-    Batching,
-    cifar10_evaluation_loaders,
-    cifar10_loaders,
-    cifar10_test_loader,
-    load_cifar10,
-    to_float,
+from config import (
+    data_spec,
+    ignored_flags,
+    loss_weights,
+    model_config,
+    parse_args,
+    train_config,
 )
+from data_loader import Batching, make_loader, to_float
+from datasets import load_data
 from plot_glimpses import write_glimpse_data
 from trainer import NonFiniteLossError, Trainer, TrainingInterrupted, print_main
 from utils import (
@@ -64,13 +65,15 @@ class StopOnSignal:
             signal.signal(signum, handler)
 
 
-def fetch_once(data_dir, procs):
-    """Under torchrun, rank 0 fetches and caches CIFAR-10 while the others wait, then all read
-    the cache; two processes never download into the same folder."""
+def load_once(args, procs):
+    """The dataset the flags name. Under torchrun, rank 0 fetches (and caches) it while the
+    others wait, then all read it; two processes never download into the same folder."""
+    spec, cfg = data_spec(args), train_config(args)
+    if procs.distributed and procs.is_main:
+        load_data(spec, cfg.data_dir, cfg.valid_size, cfg.random_seed)
     if procs.distributed:
-        if procs.is_main:
-            load_cifar10(data_dir)
         dist.barrier()
+    return load_data(spec, cfg.data_dir, cfg.valid_size, cfg.random_seed)
 
 
 def batching(trainer):
@@ -85,7 +88,7 @@ def plot_hook(trainer, valid_loader):
     cfg = trainer.train_cfg
     folder = os.path.join(cfg.plot_dir, trainer.name)
     shown = range(min(PLOT_IMAGES, len(valid_loader.dataset)))
-    images = to_float(valid_loader.dataset[list(shown)][0], trainer.device)
+    images = to_float(valid_loader.dataset[list(shown), None][0], trainer.device)
 
     def write_plot_data(trainer):
         if trainer.epoch % cfg.plot_freq == 0:
@@ -106,7 +109,7 @@ def open_writer(trainer):
     return SummaryWriter(os.path.join(cfg.logs_dir, trainer.name))
 
 
-def train(trainer, stop):
+def train(trainer, data, stop):
     cfg, procs = trainer.train_cfg, trainer.procs
     check_writable(cfg.ckpt_dir, "--ckpt_dir")
     check_writable(cfg.plot_dir, "--plot_dir")
@@ -115,9 +118,8 @@ def train(trainer, stop):
     with run_lock(trainer.ckpt_folder, procs):
         trainer.claim_folder()
         path = trainer.checkpoint_path(best=False) if cfg.resume else None
-        fetch_once(cfg.data_dir, procs)
-        train_loader, valid_loader = cifar10_loaders(cfg.data_dir, cfg.valid_size,
-                                                     batching(trainer))
+        train_loader = make_loader(data.train, batching(trainer), shuffle=True)
+        valid_loader = make_loader(data.valid, batching(trainer), shuffle=False)
         if path is not None:
             position = trainer.resume(path, train_loader)
             within = f", {position['images_seen']} images into epoch {trainer.epoch + 1}" \
@@ -140,12 +142,11 @@ def train(trainer, stop):
                f"checkpoints in {trainer.ckpt_folder}")
 
 
-def test(trainer):
+def test(trainer, data):
     cfg = trainer.train_cfg
     path = trainer.checkpoint_path(cfg.model_epoch, cfg.best)
     trainer.load(path)
-    fetch_once(cfg.data_dir, trainer.procs)
-    loader = cifar10_test_loader(cfg.data_dir, batching(trainer))
+    loader = make_loader(data.test, batching(trainer), shuffle=False)
     m = trainer.test(loader)
     print_main(trainer.procs, f"test {trainer.name} epoch {trainer.epoch} ({path}), M={cfg.M}: "
                f"accuracy {m['acc']:.2f}% (error {100 - m['acc']:.2f}%) | reconstruction mse "
@@ -156,10 +157,15 @@ def test(trainer):
                     for (x, y), (sx, sy) in zip(m["loc_mean"], m["loc_std"], strict=True))
     print_main(trainer.procs, f"where the policy aims, glimpse by glimpse, as (x, y) in [-1, 1] "
                f"± std across images: {aims}")
+    if "hit_rate" in m:
+        hits = " ".join(f"{rate:.1f}" for rate in m["hit_rate"])
+        print_main(trainer.procs, f"hit rate (% of glimpses centred in the digit's box), glimpse "
+                   f"by glimpse: {hits}; all glimpses {sum(m['hit_rate']) / len(m['hit_rate']):.1f}"
+                   f"%; any glimpse of the episode {m['any_hit']:.1f}%")
     if trainer.cfg.policy == "learned":
         report_adaptivity(trainer, loader)
     if cfg.linear_eval:
-        report_linear_evaluation(trainer)
+        report_linear_evaluation(trainer, data)
 
 
 def report_adaptivity(trainer, loader):
@@ -170,14 +176,14 @@ def report_adaptivity(trainer, loader):
                f"{own['psnr'] - mean['psnr']:+.2f} dB, {own['acc'] - mean['acc']:+.2f} points")
 
 
-def report_linear_evaluation(trainer):
+def report_linear_evaluation(trainer, data):
     if trainer.procs.distributed:  # each process holds a share of the codes
         print_main(trainer.procs, "linear evaluation skipped under torchrun: run the test in "
                    "one process for it")
         return
-    cfg = trainer.train_cfg
     result = trainer.linear_evaluation(
-        cifar10_evaluation_loaders(cfg.data_dir, cfg.valid_size, batching(trainer)))
+        [make_loader(split, batching(trainer), shuffle=False)
+         for split in (data.train, data.valid, data.test)])
     print_main(trainer.procs, f"linear evaluation of the frozen code ({trainer.cfg.probe_input}"
                f" states, logistic regression, L2 {result['l2']:g} chosen on validation): test "
                f"accuracy {result['test_acc']:.2f}% (validation {result['valid_acc']:.2f}%)")
@@ -194,26 +200,29 @@ def main(argv=None):
 
 
 def start(args):
-    """The three configurations, this process's place and device, and the trainer."""
-    cfg, weights, train_cfg = model_config(args), loss_weights(args), train_config(args)
+    """This process's place and device, the data, and the trainer with its three
+    configurations."""
+    weights, train_cfg = loss_weights(args), train_config(args)
     procs, device = init_distributed(pick_device(train_cfg.device))
     for warning in ignored_flags(train_cfg):
         if procs.is_main:
             print(f"main.py: warning: {warning}", file=sys.stderr, flush=True)
+    data = load_once(args, procs)
+    cfg = model_config(args, data)
     seed_everything(train_cfg.random_seed + procs.rank)  # one policy stream per process
-    return Trainer(cfg, weights, train_cfg, device, procs)
+    return Trainer(cfg, weights, train_cfg, device, procs), data
 
 
 def run(args, stop):
     """Train or test as the flags say; returns the exit code."""
     procs = Procs()
     try:
-        trainer = start(args)
+        trainer, data = start(args)
         procs = trainer.procs
         if args.is_train:
-            train(trainer, stop)
+            train(trainer, data, stop)
         else:
-            test(trainer)
+            test(trainer, data)
     except UserError as e:
         return fail(procs, f"error: {e}", 2)
     except TrainingInterrupted as e:

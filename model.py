@@ -32,7 +32,8 @@ class Rollout:
     code: (B, hidden_size) that code, what the classifier reads (`probe_input`); detached
         under `unsupervised`.
     errors: (T, B) mean squared error of the reconstruction after each step, in [0, 1] pixel
-        units, differentiable; (1, B), the last step's alone, when only the end is asked for.
+        units, differentiable; (1, B), the last step's alone, when only the end is asked for;
+        None without a decoder (pure RAM), and so are decoded and recon.
     blank_errors: (B,) the error before any glimpse, of the empty prediction x_hat_0 = 0.
     decoded: (T, B, C, H, W) decoder output of each step (None unless asked for, with patches).
     recon: (T, B, C, H, W) cumulative reconstruction after each step, in [0, 1] pixel units;
@@ -46,7 +47,7 @@ class Rollout:
     baselines: torch.Tensor
     log_probs: torch.Tensor
     code: torch.Tensor
-    errors: torch.Tensor
+    errors: torch.Tensor | None
     blank_errors: torch.Tensor
     decoded: torch.Tensor | None
     recon: torch.Tensor | None
@@ -73,7 +74,7 @@ class RecurrentAttention(nn.Module):
         self.locator = POLICIES[cfg.policy](cfg)
         self.baseline = BaselineNetwork(cfg)
         self.classifier = Classifier(cfg)
-        self.decoder = Decoder(cfg)
+        self.decoder = Decoder(cfg) if cfg.decoder else None  # pure RAM has none
         shape = (1, cfg.num_channels, 1, 1)
         # The dataset's pixel statistics, (1, C, 1, 1); not cfg.std, the policy's spread.
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(shape),
@@ -111,6 +112,7 @@ class RecurrentAttention(nn.Module):
                 is done once per image, not once per path.
             path: (T, 2) locations that every image is glimpsed at instead of where the policy
                 would look (the adaptivity test), or None.
+            A model without a decoder (pure RAM) decodes nothing whatever `decode` says.
 
         Returns:
             A `Rollout` over paths*B columns.
@@ -137,8 +139,10 @@ class RecurrentAttention(nn.Module):
         code = code if cfg.objective == "supervised" else code.detach()  # unsupervised: a probe
         # The decoder is linear, so its Gram form gives the errors without building a canvas
         # (Decoder.direct_errors is the same through the canvases, for a non-linear decoder).
-        errors = self.decoder.errors(states, x, last_only=decode == "last")
+        errors = None if self.decoder is None else self.decoder.errors(
+            states, x, last_only=decode == "last")
         plots = decode == "plots"
+        canvases = plots and self.decoder is not None
         return Rollout(
             locations=torch.stack(locations),
             loc_means=torch.stack(means),
@@ -148,8 +152,8 @@ class RecurrentAttention(nn.Module):
             code=code,
             errors=errors,
             blank_errors=x.pow(2).flatten(1).mean(-1).repeat(paths),  # (paths*B,)
-            decoded=self.decoder.steps(states) if plots else None,
-            recon=self.decoder(states) if plots else None,
+            decoded=self.decoder.steps(states) if canvases else None,
+            recon=self.decoder(states) if canvases else None,
             patches=torch.stack(patches) if plots else None,
         )
 
@@ -192,6 +196,7 @@ def compute_losses(out: Rollout, y, cfg: ModelConfig, weights: LossWeights):
 
     recon: mean over steps and images of the MSE between x_hat_t and x (the rollout's
         `errors`); it trains the retina's consumers, core and decoder under both objectives.
+        0 without a decoder (pure RAM).
     classify: NLL of the labels. Under `unsupervised` the classifier reads a detached state,
         so this trains the probe alone; under `supervised` it trains the whole network.
     reinforce: -sum_t log pi(l_t) * A_t with A_t = G_t - b_t, standardised over the batch.
@@ -202,16 +207,17 @@ def compute_losses(out: Rollout, y, cfg: ModelConfig, weights: LossWeights):
         `supervised` the reward is 1 for a correct final classification, so G_t is 1 or 0.
     baseline: MSE between b_t and G_t.
     """
-    errors = out.errors.detach()  # (T, B); the rewards need no gradient
-    losses = {"recon": out.errors.mean(), "classify": F.nll_loss(out.log_probs, y)}
+    losses = {"recon": out.log_pi.new_zeros(()) if out.errors is None else out.errors.mean(),
+              "classify": F.nll_loss(out.log_probs, y)}
     if cfg.objective == "supervised":
-        correct = (out.log_probs.detach().argmax(-1) == y).to(errors.dtype)  # (B,)
-        returns = correct.expand_as(errors)  # (T, B)
+        correct = (out.log_probs.detach().argmax(-1) == y).to(out.baselines.dtype)  # (B,)
+        returns = correct.expand_as(out.baselines)  # (T, B)
     elif cfg.reward == "gain":
+        errors = out.errors.detach()  # (T, B); the rewards need no gradient
         before = torch.cat([out.blank_errors.unsqueeze(0), errors[:-1]])  # (T, B): e_{t-1}
         returns = before - errors  # (T, B)
     else:
-        returns = (-errors).flip(0).cumsum(0).flip(0)  # (T, B) reward-to-go
+        returns = (-out.errors.detach()).flip(0).cumsum(0).flip(0)  # (T, B) reward-to-go
     advantage = returns - out.baselines.detach()  # (T, B)
     if advantage.shape[1] > 1:
         # Centre and scale each step's advantages over the batch: the baseline is poor early
@@ -247,6 +253,22 @@ def distinct_glimpses(locations, cfg: ModelConfig):
     earlier = torch.ones(T, T, dtype=torch.bool, device=centres.device).tril(-1)  # s < t
     repeats = ((apart < cfg.patch_size / 2) & earlier.unsqueeze(-1)).any(1)  # (T, B)
     return (~repeats).sum(0)
+
+
+def glimpse_hits(locations, boxes, image_size):
+    """Which glimpses looked at the object: their centre (the pixel the sensor used) inside the
+    object's box.
+
+    Args:
+        locations: (T, B, 2) the glimpses taken, (x, y) in [-1, 1].
+        boxes: (B, 4) each image's box (x0, y0, x1, y1) in pixels, x1 and y1 exclusive.
+    Returns:
+        (T, B) bool.
+    """
+    centres = location_to_pixels(locations, image_size)  # (T, B, 2)
+    boxes = boxes.to(centres.device)
+    low, high = boxes[:, :2], boxes[:, 2:]  # (B, 2) each
+    return ((centres >= low) & (centres < high)).all(-1)
 
 
 def psnr(mse, peak=1.0):

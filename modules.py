@@ -27,6 +27,7 @@ class ModelConfig:
     each pooled to 6x6) on 32x32 RGB images.
     """
 
+    dataset: str = "cifar10"  # the tag of the images the model is for (datasets.DataSpec)
     image_size: int = 32
     num_channels: int = 3
     num_classes: int = 10
@@ -46,6 +47,7 @@ class ModelConfig:
     policy_input: str = "state"
     pixel_mean: tuple = CIFAR10_MEAN
     pixel_std: tuple = CIFAR10_STD
+    decoder: bool = True  # False: pure RAM, no reconstruction at all (it costs nothing)
 
     def __post_init__(self):
         for name in ("image_size", "num_channels", "num_classes", "patch_size", "glimpse_scale",
@@ -67,6 +69,9 @@ class ModelConfig:
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name} must be one of {', '.join(choices)}, "
                                  f"got {getattr(self, name)!r}")
+        if not self.decoder and self.objective == "unsupervised":
+            raise ValueError("the unsupervised objective needs the decoder: its reward is the "
+                             "reconstruction error")
         if self.num_patches > 1 and self.glimpse_scale < 2:
             raise ValueError("--glimpse_scale must be at least 2 when --num_patches > 1 "
                              "(scale 1 would take the same patch several times)")

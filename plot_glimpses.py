@@ -77,8 +77,9 @@ def write_glimpse_data(model, images, epoch, folder):
         patches (T, N, k, C, g, g) float32 in [0, 1] pixel units, where a patch's part outside
         the image shows the mean pixel (the sensor pads the normalised image with zeros);
         decoded and recon (T, N, C, H, W) float32, each step's decoder output and the cumulative
-        prediction; patch_sizes (k,) the patch sides before pooling, finest first; and the
-        scalars patch_size, glimpse_scale, num_patches, image_size and epoch.
+        prediction (absent for a model without a decoder); patch_sizes (k,) the patch sides
+        before pooling, finest first; and the scalars patch_size, glimpse_scale, num_patches,
+        image_size and epoch.
     """
     cfg = model.cfg
     device = images.device
@@ -96,9 +97,9 @@ def write_glimpse_data(model, images, epoch, folder):
         "pixel_centres": location_to_pixels(out.locations, cfg.image_size),
         # The (1, C, 1, 1) mean and std line up with the trailing (C, g, g) of (T, N, k, C, g, g).
         "patches": model.unnormalize(out.patches).float(),
-        "decoded": out.decoded.float(),
-        "recon": out.recon.float(),
     }
+    if out.recon is not None:  # a model without a decoder (pure RAM) predicts no image
+        arrays["decoded"], arrays["recon"] = out.decoded.float(), out.recon.float()
     arrays = {name: value.cpu().numpy() for name, value in arrays.items()}
     arrays["patch_sizes"] = np.array(cfg.patch_sizes, dtype=np.int64)
     for name in ("patch_size", "glimpse_scale", "num_patches", "image_size"):
@@ -154,6 +155,29 @@ def to_display(chw):
     return hwc[..., 0] if hwc.shape[-1] == 1 else hwc
 
 
+def seen_so_far(data):
+    """What a model without a decoder shows instead of its prediction: (T, N, C, H, W), each
+    image at full brightness where the finest patches of glimpses 1..t fell, dimmed to a
+    quarter elsewhere."""
+    T, N = data["locations"].shape[:2]
+    size = int(data["image_size"])
+    boxes = glimpse_boxes(data["locations"], size, data["patch_sizes"])[:, :, 0]  # (T, N, 3)
+    seen = np.zeros((T, N, 1, size, size), np.float32)
+    for t in range(T):
+        for n in range(N):
+            x0, y0, side = (int(v) for v in boxes[t, n])
+            seen[t:, n, :, max(y0, 0):max(y0 + side, 0), max(x0, 0):max(x0 + side, 0)] = 1
+    return data["images"][None] * (0.25 + 0.75 * seen)
+
+
+def predictions(data):
+    """The last row of the sheet and the right of the GIF: (label, (T, N, C, H, W) array), the
+    prediction after each glimpse, or what was seen so far where there is no decoder."""
+    if "recon" in data:
+        return "prediction", data["recon"]
+    return "seen so far", seen_so_far(data)
+
+
 def sheet_rows(data, n):
     """The rows of image n's block of the sheet: exactly the arrays `draw_sheet` shows.
 
@@ -164,7 +188,7 @@ def sheet_rows(data, n):
     Returns:
         k + 2 (label, cells) pairs, each with T display arrays (see `to_display`): the image
         (the same in every column), then patch i of every glimpse for i < k, then the prediction
-        after every glimpse.
+        after every glimpse (see `predictions`).
     """
     g = int(data["patch_size"])
     T = data["locations"].shape[0]
@@ -172,7 +196,8 @@ def sheet_rows(data, n):
     for i, side in enumerate(data["patch_sizes"]):
         label = f"{g}x{g}" if side == g else f"{side}x{side} -> {g}x{g}"
         rows.append((label, [to_display(data["patches"][t, n, i]) for t in range(T)]))
-    rows.append(("prediction", [to_display(data["recon"][t, n]) for t in range(T)]))
+    label, last = predictions(data)
+    rows.append((label, [to_display(last[t, n]) for t in range(T)]))
     return rows
 
 
@@ -268,7 +293,7 @@ def write_gif(data, path):
     """Animate the glimpses, one frame per glimpse, and save a GIF with Pillow (no ffmpeg).
 
     Left: every image with the boxes of all patches of the current glimpse, the finest in red.
-    Right: each image's prediction after the current glimpse.
+    Right: each image's prediction after the current glimpse (see `predictions`).
     """
     from matplotlib.animation import FuncAnimation, PillowWriter
 
@@ -283,7 +308,8 @@ def write_gif(data, path):
                             left=0.02, right=0.98, bottom=0.02, top=1 - GIF_HEADER_IN / height,
                             wspace=0.08, hspace=0.08)
     title = fig.suptitle("", fontsize=10)
-    for x, text in ((0.26, "glimpses (finest patch in red)"), (0.74, "reconstruction")):
+    label, last = predictions(data)
+    for x, text in ((0.26, "glimpses (finest patch in red)"), (0.74, label)):
         fig.text(x, 1 - 0.6 * GIF_HEADER_IN / height, text, ha="center", va="center", fontsize=9)
     rects, recons = [], []  # per image: its k boxes, finest first; its prediction's image
     for n in range(N):
@@ -291,7 +317,7 @@ def write_gif(data, path):
         image_ax = fig.add_subplot(grid[row, col])
         recon_ax = fig.add_subplot(grid[row, cols + 1 + col])
         _show(image_ax, to_display(data["images"][n]))
-        _show(recon_ax, to_display(data["recon"][0, n]))
+        _show(recon_ax, to_display(last[0, n]))
         recons.append(recon_ax.images[0])
         scale_rects = [_box(box, FINEST_COLOUR if i == 0 else COARSE_COLOUR,
                             1.5 if i == 0 else 0.8) for i, box in enumerate(boxes[0, n])]
@@ -304,7 +330,7 @@ def write_gif(data, path):
         for n in range(N):
             for rect, (x0, y0, _) in zip(rects[n], boxes[t, n], strict=True):
                 rect.set_xy((x0 - 0.5, y0 - 0.5))
-            recons[n].set_data(to_display(data["recon"][t, n]))
+            recons[n].set_data(to_display(last[t, n]))
 
     FuncAnimation(fig, show_glimpse, frames=T).save(path, writer=PillowWriter(fps=GIF_FPS))
     return path

@@ -29,6 +29,7 @@ from model import (
     Steered,
     compute_losses,
     distinct_glimpses,
+    glimpse_hits,
     psnr,
 )
 from modules import ModelConfig
@@ -49,7 +50,7 @@ from utils import (
 
 # What a checkpoint written before a ModelConfig field existed did instead (the probe read h_T).
 OLDER_MODEL_CONFIG = {"reward": "sum", "baseline": "shared", "probe_input": "last",
-                      "policy_input": "state"}
+                      "policy_input": "state", "dataset": "cifar10", "decoder": True}
 METRICS_NAME = "metrics.jsonl"  # one JSON line per epoch in the run's checkpoint folder
 NOISE_STRIDE = 1_000_003  # a prime above any split size: (seed, image) pairs never collide
 LOSS_TERMS = ("recon", "classify", "reinforce", "baseline", "total")  # compute_losses' keys
@@ -57,7 +58,7 @@ LOSS_TERMS = ("recon", "classify", "reinforce", "baseline", "total")  # compute_
 # How a resumed run treats a flag that differs from its checkpoint's run: a refused change is
 # an error (why, below); any other is applied from now on, with a note (what it does, below).
 REFUSED_ON_RESUME = {
-    "random_seed": "it fixes the run's data order and evaluation noise",
+    "random_seed": "it fixes the run's data order, training canvases and evaluation noise",
     "valid_size": "it would change the validation images and move some into training",
 }
 APPLIED_ON_RESUME = {
@@ -145,28 +146,28 @@ def evaluate_batch(model, x, positions, train_cfg: TrainConfig):
     """The --M glimpse paths of every image of a batch, at most --eval_chunk images per pass.
 
     Returns the class probabilities (B, classes) and the error of the final reconstruction
-    (B,), each averaged over the paths in float64, path after path, so that neither depends on
-    how the paths are chunked; aims (T, B, 2), where the policy aimed on each image's first
-    path; and distinct (B,), how many of that path's glimpses looked somewhere new.
+    (B,; NaN without a decoder), each averaged over the paths in float64, path after path, so
+    that neither depends on how the paths are chunked; aims (T, B, 2), where the policy aimed
+    on each image's first path; and glimpses (T, B, 2), where that path's glimpses went.
     """
     B, M = x.shape[0], train_cfg.M
     noise = EvaluationNoise(positions, model.cfg.num_glimpses, train_cfg.random_seed)
     per_pass = max(1, train_cfg.eval_chunk // B)
-    probs = errors = aims = distinct = None
+    probs = errors = aims = glimpses = None
     for first in range(0, M, per_pass):
         paths = min(per_pass, M - first)
         with autocast(x.device, train_cfg.amp):
             out = model(x, decode="last", noise=noise.draw(paths).to(x.device),
                         paths=paths)  # (paths*B, ...)
         chunk_probs = out.log_probs.float().exp().view(paths, B, -1).double()  # (paths, B, K)
-        chunk_errors = out.errors[-1].view(paths, B).double()  # (paths, B)
+        chunk_errors = out.errors[-1].view(paths, B).double() if out.errors is not None \
+            else chunk_probs.new_full((paths, B), math.nan)  # (paths, B)
         for m in range(paths):
             probs = chunk_probs[m] if probs is None else probs + chunk_probs[m]
             errors = chunk_errors[m] if errors is None else errors + chunk_errors[m]
         if aims is None:
-            aims = out.loc_means[:, :B]  # (T, B, 2), the first path
-            distinct = distinct_glimpses(out.locations[:, :B], model.cfg)  # (B,)
-    return probs / M, errors / M, aims, distinct
+            aims, glimpses = out.loc_means[:, :B], out.locations[:, :B]  # (T, B, 2) each
+    return probs / M, errors / M, aims, glimpses
 
 
 @torch.no_grad()
@@ -182,28 +183,46 @@ def evaluate(model, loader, train_cfg: TrainConfig, device, procs=SINGLE_PROCESS
     path: loc_mean and loc_std, (T, 2) lists, the mean and std across images per glimpse and
     axis; loc_spread, loc_std averaged: 0 means every image gets the same path, uniform random
     locations give about 0.58. distinct: the mean number of glimpses per episode (first path)
-    whose centre is at least g/2 px from every earlier one's.
+    whose centre is at least g/2 px from every earlier one's. Where the dataset knows each
+    image's object box (translated and cluttered digits): hit_rate, a (T,) list, the percentage
+    of first-path glimpses whose centre fell inside it, glimpse by glimpse; any_hit, the
+    percentage of episodes with at least one such glimpse.
     """
     model.eval()
     T = model.cfg.num_glimpses
-    # correct, summed squared error, images, distinct glimpses; then the aims' sums and sums
-    # of squares, (T, 2) each
-    sums = torch.zeros(4 + 4 * T, dtype=torch.float64)
+    # correct, summed squared error, images, distinct glimpses; the aims' sums and sums of
+    # squares, (T, 2) each; hits per glimpse (T,); episodes with a hit
+    sums = torch.zeros(5 + 5 * T, dtype=torch.float64)
+    boxed = False
     for images, labels, positions in loader:
         x, y = to_float(images, device), labels.to(device, non_blocking=True)
-        probs, errors, aims, distinct = evaluate_batch(model, x, positions, train_cfg)
+        probs, errors, aims, glimpses = evaluate_batch(model, x, positions, train_cfg)
+        distinct = distinct_glimpses(glimpses, model.cfg)  # (B,)
+        boxes = loader.dataset.boxes(positions)  # (B, 4) or None
+        hits = torch.zeros(T, 1, dtype=torch.bool) if boxes is None else \
+            glimpse_hits(glimpses, boxes, model.cfg.image_size).cpu()  # (T, B)
+        boxed = boxes is not None
         aims = aims.double().cpu()  # (T, B, 2)
         counts = torch.tensor([float((probs.argmax(-1) == y).sum()), float(errors.sum()),
                                len(y), float(distinct.sum())], dtype=torch.float64)
-        sums += torch.cat([counts, aims.sum(1).flatten(), aims.pow(2).sum(1).flatten()])
-    totals = all_reduce(sums, procs)
+        sums += torch.cat([counts, aims.sum(1).flatten(), aims.pow(2).sum(1).flatten(),
+                           hits.sum(1), hits.any(0).sum().view(1)])
+    return _summary(all_reduce(sums, procs), T, boxed)
+
+
+def _summary(totals, T, boxed):
+    """evaluate's figures from its sums over the split."""
     correct, sq_err, seen, distinct = totals[:4].tolist()
     aim_mean = totals[4:4 + 2 * T].view(T, 2) / seen
-    aim_std = (totals[4 + 2 * T:].view(T, 2) / seen - aim_mean.pow(2)).clamp_(min=0).sqrt()
+    aim_std = (totals[4 + 2 * T:4 + 4 * T].view(T, 2) / seen - aim_mean.pow(2)).clamp_(min=0).sqrt()
     mse = sq_err / seen
-    return {"acc": 100.0 * correct / seen, "mse": mse, "psnr": psnr(mse),
-            "loc_spread": aim_std.mean().item(), "distinct": distinct / seen,
-            "loc_mean": aim_mean.tolist(), "loc_std": aim_std.tolist()}
+    summary = {"acc": 100.0 * correct / seen, "mse": mse, "psnr": psnr(mse),
+               "loc_spread": aim_std.mean().item(), "distinct": distinct / seen,
+               "loc_mean": aim_mean.tolist(), "loc_std": aim_std.tolist()}
+    if boxed:
+        summary["hit_rate"] = (100.0 * totals[4 + 4 * T:4 + 5 * T] / seen).tolist()
+        summary["any_hit"] = 100.0 * totals[-1].item() / seen
+    return summary
 
 
 @torch.no_grad()
@@ -376,7 +395,7 @@ class Trainer:
         Flags that differ from the run's are refused or applied, one line each (see
         REFUSED_ON_RESUME); returns the loader's position."""
         ckpt = self.load(path)
-        if not {"train_config", "loader"} <= ckpt.keys():
+        if not {"train_config", "loader", "best_score"} <= ckpt.keys():
             raise UserError(f"{path} was written by an older version of this project: it can be "
                             "tested (--is_train=false) but not resumed; start a new run")
         changes = resume_changes(ckpt, self.train_cfg, self.weights)
@@ -482,7 +501,9 @@ class Trainer:
         self._share_buffers()
         valid = evaluate(self.eval_model, valid_loader, self.train_cfg, self.device, self.procs)
         metrics = {**metrics, **{f"valid_{k}": v for k, v in valid.items()
-                                 if k not in ("loc_mean", "loc_std")}}
+                                 if not isinstance(v, list)}}
+        if "hit_rate" in valid:  # over every glimpse
+            metrics["valid_hit_rate"] = sum(valid["hit_rate"]) / len(valid["hit_rate"])
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         score = valid[self.selection]
         self.scheduler.step(score)

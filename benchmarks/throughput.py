@@ -1,4 +1,5 @@
-"""Training, evaluation and sensor throughput on random data of CIFAR-10's shape.
+"""Training, evaluation and sensor throughput on random images of the dataset's shape (--dataset;
+CIFAR-10 by default).
 
     python3 benchmarks/throughput.py --seconds=10 --threads=2
 
@@ -72,7 +73,7 @@ def parse(argv):
 
 
 def steps(args, cfg, device):
-    """The model, and the three things measured on random data of CIFAR-10's shape: a
+    """The model, and the three things measured on random images of the dataset's shape: a
     training step, an evaluation pass (one path, final image only) and the sensor's glimpses."""
     model = RecurrentAttention(cfg).to(device)
     step_model = compile_model(model, device) if args.compile else model

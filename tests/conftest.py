@@ -1,5 +1,7 @@
-"""Shared fixtures: the repository on sys.path and a tiny CIFAR-10 in torchvision's layout."""
+"""Shared fixtures: the repository on sys.path, and a tiny CIFAR-10 and MNIST in torchvision's
+layouts."""
 
+import gzip
 import os
 import pickle
 import subprocess
@@ -45,6 +47,39 @@ def tiny_cifar(tmp_path):
     data_dir = tmp_path / "data"
     arrays = write_tiny_cifar(str(data_dir))
     return data_dir, arrays
+
+
+def write_idx(path, array):
+    """An idx file of uint8 as MNIST's originals are laid out (gzipped if the name says so)."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with (gzip.open if path.endswith(".gz") else open)(path, "wb") as f:
+        f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+def write_tiny_mnist(folder, num_train=120, num_test=30, seed=0, gz=False):
+    """Write `MNIST/raw/` with synthetic 28x28 "digits": a bright rectangle whose size depends
+    on the label, on black. Returns the arrays written."""
+    rng = np.random.default_rng(seed)
+    raw = os.path.join(folder, "MNIST", "raw")
+    os.makedirs(raw, exist_ok=True)
+    written = {}
+    for split, n, prefix in (("train", num_train, "train"), ("test", num_test, "t10k")):
+        labels = rng.integers(0, 10, size=n).astype(np.uint8)
+        images = np.zeros((n, 28, 28), np.uint8)
+        for i, label in enumerate(labels):
+            images[i, 4:8 + 2 * label, 6:20] = rng.integers(128, 256)
+        suffix = ".gz" if gz else ""
+        write_idx(os.path.join(raw, f"{prefix}-images-idx3-ubyte{suffix}"), images)
+        write_idx(os.path.join(raw, f"{prefix}-labels-idx1-ubyte{suffix}"), labels)
+        written[f"{split}_x"], written[f"{split}_y"] = images, labels
+    return written
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path):
+    """A data folder holding a tiny MNIST (120 train, 30 test digits)."""
+    data_dir = tmp_path / "data"
+    return data_dir, write_tiny_mnist(str(data_dir))
 
 
 def run_main(*flags, cwd=ROOT, timeout=600):

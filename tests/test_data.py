@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 import data_loader
-from data_loader import Batching, load_cifar10, make_loader, train_valid_split
+from data_loader import Batching, ImageBatches, load_cifar10, make_loader, train_valid_split
+from datasets import DataSpec, load_data
 from utils import SINGLE_PROCESS, Procs, UserError
 
 
@@ -97,9 +98,15 @@ def test_split_is_fixed_disjoint_and_complete():
     assert sorted(torch.cat([train, valid]).tolist()) == list(range(1000))
 
 
+def cifar10_loaders(data_dir, batching):
+    data = load_data(DataSpec(), str(data_dir), 0.1, seed=1)
+    return (make_loader(data.train, batching, shuffle=True),
+            make_loader(data.valid, batching, shuffle=False))
+
+
 def test_batches_are_uint8_until_they_reach_the_device(tiny_cifar):
     data_dir, written = tiny_cifar
-    train, valid = data_loader.cifar10_loaders(str(data_dir), 0.1, Batching(32))
+    train, valid = cifar10_loaders(data_dir, Batching(32))
     images, labels, positions = next(iter(valid))
     assert images.dtype == torch.uint8 and images.shape == (20, 3, 32, 32)
     x = data_loader.to_float(images, torch.device("cpu"))
@@ -111,8 +118,7 @@ def test_batches_are_uint8_until_they_reach_the_device(tiny_cifar):
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_loading_batches_leaves_the_policy_random_stream_alone(tiny_cifar, num_workers):
     data_dir, _ = tiny_cifar
-    train, valid = data_loader.cifar10_loaders(str(data_dir), 0.1,
-                                               Batching(7, seed=1, num_workers=num_workers))
+    train, valid = cifar10_loaders(data_dir, Batching(7, seed=1, num_workers=num_workers))
     before = torch.get_rng_state()
     for batches in (train.epoch(0), valid, train.epoch(1)):
         for _ in batches:
@@ -126,7 +132,7 @@ def positions_of(batches):
 
 def loader(n, batch_size, seed=3, procs=SINGLE_PROCESS, num_workers=0):
     images = np.zeros((n, 32, 32, 3), np.uint8)
-    return make_loader(images, np.zeros(n, np.uint8),
+    return make_loader(ImageBatches(images, np.zeros(n, np.uint8)),
                        Batching(batch_size, seed, num_workers, procs=procs), shuffle=True)
 
 

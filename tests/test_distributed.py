@@ -10,7 +10,8 @@ import torch
 from checkpoints import load_checkpoint
 from config import TrainConfig
 from conftest import ROOT, run_main
-from data_loader import Batching, cifar10_loaders
+from data_loader import Batching, make_loader
+from datasets import DataSpec, load_data
 from model import RecurrentAttention
 from modules import ModelConfig
 from trainer import evaluate
@@ -49,7 +50,8 @@ def test_two_processes_train_log_once_and_agree_with_one(tiny_cifar, tmp_path):
                          for k, v in ckpt["model_config"].items()})
     model = RecurrentAttention(cfg)
     model.load_state_dict(ckpt["model"])
-    _, valid = cifar10_loaders(str(data_dir), 0.1, Batching(7))  # another batch size on purpose
+    data = load_data(DataSpec(), str(data_dir), 0.1, seed=1)
+    valid = make_loader(data.valid, Batching(7), shuffle=False)  # another batch size on purpose
     m = evaluate(model, valid, TrainConfig(M=2, random_seed=1), torch.device("cpu"))
     single = f"valid acc {m['acc']:.2f}% mse {m['mse']:.4f} psnr {m['psnr']:.2f} dB"
     assert single in lines[0], (single, lines[0])

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from config import TrainConfig
-from data_loader import Batching, make_loader
+from data_loader import Batching, ImageBatches, make_loader
 from model import RecurrentAttention
 from modules import ModelConfig
 from trainer import evaluate
@@ -17,7 +17,7 @@ def model_and_loader():
     model = RecurrentAttention(ModelConfig(glimpse_hidden=16, loc_hidden=16, hidden_size=32,
                                            num_glimpses=3, std=0.3))
     images = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
-    loader = make_loader(images, np.arange(12) % 10, Batching(5), shuffle=False)
+    loader = make_loader(ImageBatches(images, np.arange(12) % 10), Batching(5), shuffle=False)
     return model, loader
 
 

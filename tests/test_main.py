@@ -122,6 +122,8 @@ def test_cuda_device_numbers_are_checked(monkeypatch):
 @pytest.mark.parametrize("flags, expected", [
     (["--model_epoch=3"], "--model_epoch=3 is ignored while training"),
     (["--lr_patience=50"], "training stops before the learning rate is cut"),
+    (["--dataset=mnist", "--canvas_size=100"], "--canvas_size=100 is ignored with --dataset=mnist"),
+    (["--dataset=translated", "--distractors=8"], "only cluttered canvases have distractors"),
 ])
 def test_flags_that_do_nothing_are_warned_about(flags, expected):
     assert [line for line in ignored_flags(train_config(parse_args(flags)))

@@ -88,3 +88,21 @@ def test_patch_corners_follow_the_mapping():
     cfg = ModelConfig()
     corners = patch_corners(torch.tensor([[0.0, 0.0]]), 32, cfg.patch_sizes)
     assert corners.tolist() == [[[13, 13], [10, 10], [4, 4]]]
+
+
+@pytest.mark.parametrize("size, channels, patches", [(60, 1, 3), (100, 1, 4), (28, 1, 1)])
+def test_sensor_on_single_channel_and_other_image_sizes(size, channels, patches):
+    """The MNIST benchmarks' sensors: 12 px patches at 3 or 4 scales on 60 and 100 px
+    canvases, one 8 px patch on 28 px digits, one channel."""
+    g = 8 if size == 28 else 12
+    cfg = ModelConfig(image_size=size, num_channels=channels, patch_size=g, num_patches=patches,
+                      pixel_mean=(0.0,) * channels, pixel_std=(1.0,) * channels)
+    torch.manual_seed(size)
+    images = torch.rand(6, channels, size, size)
+    l = torch.cat([torch.rand(4, 2) * 2 - 1, torch.tensor([[-1.0, 1.0], [1.0, 1.0]])])
+    phi = glimpse(cfg, images, l)
+    assert phi.shape == (6, patches, channels, g, g)
+    for b, (cx, cy) in enumerate(location_to_pixels(l, size).tolist()):
+        for i, side in enumerate(cfg.patch_sizes):
+            expected = crop_and_pool(images[b], cx, cy, side, side // g)
+            assert torch.allclose(phi[b, i], expected, atol=1e-5), (b, side)

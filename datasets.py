@@ -1,0 +1,322 @@
+"""The datasets behind `--dataset`, each behind one interface (`Data`): three splits that hand
+out whole batches, the class count, the pixel statistics, and a tag that names its runs.
+
+- `cifar10`: 32x32 RGB photographs (data_loader.py says where they come from).
+- `mnist`: the 28x28 digits, read from torchvision's layout (`<data_dir>/MNIST/raw/`).
+- `translated`: each digit at a uniformly random place on a blank canvas (60x60 by default).
+- `cluttered`: as `translated`, plus distractors: 8x8 crops of random other training digits at
+  random places, added and clipped to [0, 1] (the recipe of DeepMind's mnist-cluttered).
+
+The synthetic canvases are drawn on the fly, a batch at a time, by `place_digits`. Each
+image's placement is a hash of (seed, draw, image), so it depends on nothing else: not on the
+batch it falls in, the worker that draws it, or a resume. Training draws afresh every epoch
+(draw = the epoch, seed = --random_seed: the paper's unlimited data); validation and test use
+one fixed draw of a fixed seed, so every run is measured on the same images.
+"""
+
+import gzip
+import os
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from data_loader import DOWNLOAD_TIMEOUT_S, ImageBatches, load_cifar10, train_valid_split
+from modules import CIFAR10_MEAN, CIFAR10_STD
+from utils import UserError
+
+DATASETS = ("cifar10", "mnist", "translated", "cluttered")
+DIGIT = 28  # side of an MNIST digit
+CROP = 8  # side of a distractor
+MNIST_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+               "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+IDX_MAGIC = {3: 2051, 1: 2049}  # dimensions -> magic number of an idx file of uint8
+EVAL_SEED = 0  # validation and test canvases: the same for every --random_seed
+EVAL_DRAW = 2**40  # the draw of the fixed canvases; training draws are epochs, far below
+STATS_DRAW = EVAL_DRAW + 1  # the draw whose training canvases give the pixel statistics
+STATS_IMAGES = 5000
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What the data flags ask for: the dataset's name and, for the synthetic ones, the canvas
+    side and the number of distractors."""
+
+    name: str = "cifar10"
+    canvas_size: int = 60
+    distractors: int = 0  # cluttered only
+
+    @property
+    def tag(self):
+        """The dataset's name in run folders and model configurations."""
+        if self.name == "translated":
+            return f"translated{self.canvas_size}"
+        if self.name == "cluttered":
+            return f"cluttered{self.canvas_size}d{self.distractors}"
+        return self.name
+
+    @property
+    def image_shape(self):
+        """(channels, side) of the images, known before any is read."""
+        if self.name == "cifar10":
+            return 3, 32
+        return 1, DIGIT if self.name == "mnist" else self.canvas_size
+
+    def model_defaults(self):
+        """The paper's sensor for this dataset, and a policy std to match, where the flags
+        leave them open. CIFAR-10: the seed's 9 glimpses of 6x6 at 3 scales, std 0.05. MNIST:
+        6 glimpses of one 8x8 patch, std 0.15. A canvas: 8 glimpses of 12x12 with as many
+        scales as it takes for the coarsest patch to span most of it (3 on 60x60, 4 on
+        100x100), std 0.25 (a digit can be anywhere, so the policy must explore more). The
+        stds on digits are those of bentrevett's RAM, which reproduced the paper's errors."""
+        if self.name == "cifar10":
+            return {"num_glimpses": 9, "patch_size": 6, "glimpse_scale": 2, "num_patches": 3,
+                    "std": 0.05}
+        if self.name == "mnist":
+            return {"num_glimpses": 6, "patch_size": 8, "glimpse_scale": 2, "num_patches": 1,
+                    "std": 0.15}
+        scales = max(1, int(np.ceil(np.log2(self.canvas_size / 12))))
+        return {"num_glimpses": 8, "patch_size": 12, "glimpse_scale": 2, "num_patches": scales,
+                "std": 0.25}
+
+
+@dataclass(frozen=True)
+class Data:
+    """A dataset's three splits, each a Dataset indexed by (indices, draw) that returns
+    (uint8 images (B, C, H, W), labels (B,), positions (B,)) and knows each image's `boxes`;
+    and what the model must know of the images."""
+
+    tag: str
+    train: Dataset
+    valid: Dataset
+    test: Dataset
+    num_classes: int
+    pixel_mean: tuple
+    pixel_std: tuple
+
+    @property
+    def num_channels(self):
+        return self.train.image_shape[0]
+
+    @property
+    def image_size(self):
+        return self.train.image_shape[1]
+
+
+def _uniform(seed, draw, index, count):
+    """(B, count) numbers uniform in [0, 1): splitmix64 of (seed, draw, image, j) chained, so
+    every image's numbers are its own whatever else is drawn."""
+    def mix(z):
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+    with np.errstate(over="ignore"):  # the hash multiplies modulo 2**64 on purpose
+        key = mix(mix(np.full(1, seed, np.uint64)) ^ np.full(1, draw, np.uint64))  # (1,)
+        key = mix(key ^ np.asarray(index, np.uint64))[:, None]  # (B, 1)
+        bits = mix(key ^ np.arange(count, dtype=np.uint64))  # (B, count)
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def _add_at(sums, rows, x, y, pieces):
+    """Add (B, p, p) pieces into the (B, S*S) canvas sums with their top-left corners at
+    (x, y), each (B,)."""
+    S = int(np.sqrt(sums.shape[1]))
+    steps = np.arange(pieces.shape[-1])
+    flat = (y[:, None, None] + steps[:, None]) * S + x[:, None, None] + steps  # (B, p, p)
+    sums[rows[:, None], flat.reshape(len(rows), -1)] += pieces.reshape(len(rows), -1)
+
+
+def place_digits(digits, index, pool, spec: DataSpec, key):
+    """Place digits on blank canvases, with distractors where the spec has them.
+
+    Args:
+        digits: (N, 28, 28) uint8, the split's digits; `index` (B,) picks the batch's.
+        pool: (P, 28, 28) uint8, the training digits the distractors are cut from; distractor
+            j of image i comes from pool[(i + 1 + r) % P], r < P - 1, so never from pool[i]
+            (for the training split, pool is digits: never the image's own digit).
+        spec: canvas_size S and distractors K (0 for `translated`).
+        key: (seed, draw); with each image's index, all its randomness (see `_uniform`).
+
+    Returns:
+        canvases (B, 1, S, S) uint8; boxes (B, 4) int64, the digit's (x0, y0, x1, y1) on the
+        canvas, x1 and y1 exclusive.
+    """
+    index = np.asarray(index, np.int64)
+    B, S = len(index), spec.canvas_size
+    K = spec.distractors
+    u = _uniform(*key, index, 2 + 5 * K)  # (B, 2 + 5K)
+    x0, y0 = (np.floor(u[:, i] * (S - DIGIT + 1)).astype(np.int64) for i in (0, 1))
+    rows = np.arange(B)
+    sums = np.zeros((B, S * S), np.int32)  # (B, S*S)
+    _add_at(sums, rows, x0, y0, digits[index])
+    steps = np.arange(CROP)
+    for j in range(K):
+        v = u[:, 2 + 5 * j:7 + 5 * j]  # (B, 5): source, crop x, crop y, place x, place y
+        source = (index + 1 + np.floor(v[:, 0] * (len(pool) - 1)).astype(np.int64)) % len(pool)
+        cx, cy = (np.floor(v[:, i] * (DIGIT - CROP + 1)).astype(np.int64) for i in (1, 2))
+        crops = pool[source[:, None, None], cy[:, None, None] + steps[:, None],
+                     cx[:, None, None] + steps]  # (B, 8, 8)
+        px, py = (np.floor(v[:, i] * (S - CROP + 1)).astype(np.int64) for i in (3, 4))
+        _add_at(sums, rows, px, py, crops)
+    canvases = np.clip(sums, 0, 255).astype(np.uint8).reshape(B, 1, S, S)  # (B, 1, S, S)
+    boxes = np.stack([x0, y0, x0 + DIGIT, y0 + DIGIT], 1)  # (B, 4)
+    return canvases, boxes
+
+
+class PlacedDigits(Dataset):
+    """Digits placed on canvases as they are asked for, a batch at a time (`place_digits`).
+
+    Indexed by (indices, draw): draw is the training epoch, or None for the fixed canvases of
+    evaluation. A split with seed None (validation, test) always gives its fixed canvases.
+    """
+
+    def __init__(self, digits, labels, pool, spec: DataSpec, seed):
+        self.digits, self.pool, self.spec = digits, pool, spec
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.fixed = seed is None
+        self.seed = EVAL_SEED if self.fixed else seed
+        self.image_shape = (1, spec.canvas_size, spec.canvas_size)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def _draw(self, draw):
+        return EVAL_DRAW if self.fixed or draw is None else draw
+
+    def __getitem__(self, key):
+        index, draw = key
+        index = torch.as_tensor(index)
+        canvases, _ = place_digits(self.digits, index.numpy(), self.pool, self.spec,
+                                   (self.seed, self._draw(draw)))
+        return torch.from_numpy(canvases), self.labels[index], index
+
+    def boxes(self, positions, draw=None):
+        """(B, 4) int64 tensor: where each image's digit lies, (x0, y0, x1, y1)."""
+        _, boxes = place_digits(self.digits, np.asarray(positions), self.pool, self.spec,
+                                (self.seed, self._draw(draw)))
+        return torch.from_numpy(boxes)
+
+
+def _read_idx(path):
+    """An idx file of uint8 (MNIST's format), plain or gzipped, as a numpy array."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = bytearray(f.read())  # writable, so torch can share it without a warning
+    magic, dims = int.from_bytes(raw[:4], "big"), raw[3]
+    if dims not in IDX_MAGIC or magic != IDX_MAGIC[dims]:
+        raise ValueError(f"{path} is not an idx file of uint8 (magic number {magic})")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * dims)
+    if data.size != np.prod(shape):
+        raise ValueError(f"{path} holds {data.size} bytes of data, its header says {shape}")
+    return data.reshape(shape)
+
+
+def _mnist_paths(raw):
+    """The four files in `raw`, each plain or gzipped; None if one is missing."""
+    paths = {}
+    for name, file in MNIST_FILES.items():
+        found = [p for p in (os.path.join(raw, file), os.path.join(raw, file + ".gz"))
+                 if os.path.isfile(p)]
+        if not found:
+            return None
+        paths[name] = found[0]
+    return paths
+
+
+def _download_mnist(data_dir):
+    import torchvision
+
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # an unreachable host must not hang the run
+    try:
+        torchvision.datasets.MNIST(data_dir, train=True, download=True)
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def load_mnist(data_dir):
+    """All of MNIST as uint8 arrays: train_x, test_x (N, 28, 28), train_y, test_y (N,).
+
+    Read from torchvision's layout, `<data_dir>/MNIST/raw/`; torchvision's download is tried
+    where the files are missing.
+    """
+    raw = os.path.join(data_dir, "MNIST", "raw")
+    if _mnist_paths(raw) is None:
+        try:
+            _download_mnist(data_dir)
+        except Exception as e:  # any failure ends in the one line below
+            reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+            raise UserError(f"MNIST is not in {os.path.abspath(raw)} and could not be "
+                            f"downloaded ({reason}); put the four original files "
+                            f"({', '.join(MNIST_FILES.values())}, plain or .gz) there, or pass "
+                            "the --data_dir that holds MNIST/raw/") from None
+    try:
+        arrays = {name: _read_idx(path) for name, path in _mnist_paths(raw).items()}
+    except (OSError, ValueError, EOFError) as e:
+        raise UserError(f"cannot read MNIST in {raw}: {e}; replace the damaged file") from None
+    for split in ("train", "test"):
+        x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        if x.ndim != 3 or x.shape[1:] != (DIGIT, DIGIT) or len(y) != len(x) or y.max() > 9:
+            raise UserError(f"MNIST's {split} files in {raw} hold {x.shape} images and "
+                            f"{len(y)} labels; expected (N, 28, 28) with N labels 0..9")
+    return arrays
+
+
+def _statistics(images):
+    """Per-channel mean and std of uint8 (N, C, H, W) images in [0, 1], to 4 decimals."""
+    x = torch.as_tensor(images).double().div_(255).transpose(0, 1).flatten(1)  # (C, N*H*W)
+    return tuple(round(v, 4) for v in x.mean(1).tolist()), \
+        tuple(round(v, 4) for v in x.std(1, unbiased=False).tolist())
+
+
+def _cifar10(spec, data_dir, valid_size, seed):
+    arrays = load_cifar10(data_dir)
+    train_idx, valid_idx = train_valid_split(len(arrays["train_x"]), valid_size)
+    x, y = arrays["train_x"], arrays["train_y"]
+    return Data(spec.tag, ImageBatches(x[train_idx.numpy()], y[train_idx.numpy()]),
+                ImageBatches(x[valid_idx.numpy()], y[valid_idx.numpy()]),
+                ImageBatches(arrays["test_x"], arrays["test_y"]), 10, CIFAR10_MEAN, CIFAR10_STD)
+
+
+def _mnist(spec, data_dir, valid_size, seed):
+    arrays = load_mnist(data_dir)
+    train_idx, valid_idx = train_valid_split(len(arrays["train_x"]), valid_size)
+    x, y = arrays["train_x"][..., None], arrays["train_y"]  # (N, 28, 28, 1)
+    train = ImageBatches(x[train_idx.numpy()], y[train_idx.numpy()])
+    mean, std = _statistics(train.images)
+    return Data(spec.tag, train, ImageBatches(x[valid_idx.numpy()], y[valid_idx.numpy()]),
+                ImageBatches(arrays["test_x"][..., None], arrays["test_y"]), 10, mean, std)
+
+
+def _placed(spec, data_dir, valid_size, seed):
+    arrays = load_mnist(data_dir)
+    train_idx, valid_idx = train_valid_split(len(arrays["train_x"]), valid_size)
+    x, y = arrays["train_x"], arrays["train_y"]
+    pool = x[train_idx.numpy()]  # the distractors of every split come from here
+
+    def split(digits, labels, fixed):
+        return PlacedDigits(digits, labels, pool, spec, None if fixed else seed)
+
+    train = split(pool, y[train_idx.numpy()], fixed=False)
+    sample = np.arange(min(STATS_IMAGES, len(train)))
+    mean, std = _statistics(train[sample, STATS_DRAW][0])
+    return Data(spec.tag, train, split(x[valid_idx.numpy()], y[valid_idx.numpy()], True),
+                split(arrays["test_x"], arrays["test_y"], True), 10, mean, std)
+
+
+LOADERS = {"cifar10": _cifar10, "mnist": _mnist, "translated": _placed, "cluttered": _placed}
+
+
+def load_data(spec: DataSpec, data_dir, valid_size, seed):
+    """The Data of `spec`; `seed` draws the training canvases of the synthetic datasets."""
+    if spec.name not in LOADERS:
+        raise UserError(f"--dataset must be one of {', '.join(DATASETS)}, got {spec.name!r}")
+    if spec.name in ("translated", "cluttered") and spec.canvas_size < DIGIT:
+        raise UserError(f"--canvas_size={spec.canvas_size} cannot hold a {DIGIT}x{DIGIT} "
+                        f"digit; pass at least {DIGIT}")
+    return LOADERS[spec.name](spec, data_dir, valid_size, seed)
