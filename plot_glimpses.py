@@ -260,8 +260,9 @@ def draw_sheet(data):
     boxes = glimpse_boxes(data["locations"], int(data["image_size"]), data["patch_sizes"])
     width, height = sheet_figsize(N, T, k)
     fig = _new_figure((width, height), DPI)
+    shown = "the prediction" if "recon" in data else "what was seen"
     fig.text(0.5, 1 - HEADER_IN / 2 / height, f"epoch {int(data['epoch'])}: glimpses, patches "
-             "and the prediction after each glimpse", ha="center", va="center", fontsize=11)
+             f"and {shown} after each glimpse", ha="center", va="center", fontsize=11)
     axes = np.empty((N, k + 2, T), dtype=object)
     pitch = _block_height(k) + BLOCK_GAP_IN  # from one image's block to the next, inches
     for n in range(N):
