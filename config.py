@@ -11,6 +11,8 @@ from datasets import DATASETS, DIGIT, DataSpec
 from model import LossWeights
 from modules import (
     BASELINES,
+    CORES,
+    GLIMPSE_ENCODERS,
     OBJECTIVES,
     POLICIES,
     POLICY_INPUTS,
@@ -103,6 +105,11 @@ def _glimpse_flags(p):
                          help="width of the layer that reads the patches ('what')")
     glimpse.add_argument("--loc_hidden", type=positive_int, default=128,
                          help="width of the layer that reads the location ('where')")
+    glimpse.add_argument("--glimpse_encoder", choices=GLIMPSE_ENCODERS, default="linear",
+                         help="the layer that reads the patches: linear (the seed's), or conv: "
+                         "the k patches stacked as the k*C channels of one g x g image, two 3x3 "
+                         "convolutions of 32 maps, then a linear layer to --glimpse_hidden "
+                         "(filters shared across the patch, for several times the arithmetic)")
 
 
 def _core_flags(p):
@@ -112,6 +119,11 @@ def _core_flags(p):
                       "--dataset)")
     core.add_argument("--hidden_size", type=positive_int, default=256,
                       help="width of the core RNN's state h_t")
+    core.add_argument("--core", choices=tuple(CORES), default="rnn",
+                      help="the recurrence that integrates the glimpses: rnn, h_t = relu(W_g g_t "
+                      "+ W_h h_{t-1}) (the seed's); lstm or gru, gated cells that can keep what "
+                      "early glimpses saw (the LSTM's memory cell stays inside the rollout; "
+                      "h_t is what the policy, decoder and probe read)")
     core.add_argument("--std", type=positive_float, default=None,
                       help="standard deviation of the Gaussian location policy (locations are "
                       "in [-1, 1]; default: the dataset's, 0.05 on cifar10, 0.15 on mnist, 0.25 "
@@ -337,7 +349,7 @@ def model_config(args, data=None, **overrides):
     chosen = {name: getattr(args, name) for name in (
         "patch_size", "glimpse_scale", "num_patches", "glimpse_hidden", "loc_hidden",
         "hidden_size", "num_glimpses", "std", "policy", "objective", "reward", "baseline",
-        "probe_input", "policy_input")}
+        "probe_input", "policy_input", "core", "glimpse_encoder")}
     for name, value in data_spec(args).model_defaults().items():
         if chosen[name] is None:
             chosen[name] = value
@@ -368,7 +380,8 @@ def loss_weights(args):
 def model_name(cfg: ModelConfig):
     """ram_[<dataset>_]<glimpses>_<g>x<g>_<scale> (the dataset's tag where it is not cifar10),
     then _k<patches>, _<objective>, _nodecoder (pure RAM), _<policy> and the reward,
-    baseline and probe options, each where it is not the default."""
+    baseline, probe, policy-input, core and glimpse-encoder options, each where it is not the
+    default."""
     prefix = "ram" if cfg.dataset == ModelConfig.dataset else f"ram_{cfg.dataset}"
     name = f"{prefix}_{cfg.num_glimpses}_{cfg.patch_size}x{cfg.patch_size}_{cfg.glimpse_scale}"
     if cfg.num_patches != ModelConfig.num_patches:
@@ -380,7 +393,8 @@ def model_name(cfg: ModelConfig):
     if cfg.policy != ModelConfig.policy:
         name += f"_{cfg.policy}"
     # Ablations get folders of their own.
-    for option in ("reward", "baseline", "probe_input", "policy_input"):
+    for option in ("reward", "baseline", "probe_input", "policy_input", "core",
+                   "glimpse_encoder"):
         if getattr(cfg, option) != getattr(ModelConfig, option):
             name += f"_{getattr(cfg, option)}"
     return name

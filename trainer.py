@@ -50,7 +50,8 @@ from utils import (
 
 # What a checkpoint written before a ModelConfig field existed did instead (the probe read h_T).
 OLDER_MODEL_CONFIG = {"reward": "sum", "baseline": "shared", "probe_input": "last",
-                      "policy_input": "state", "dataset": "cifar10", "decoder": True}
+                      "policy_input": "state", "dataset": "cifar10", "decoder": True,
+                      "core": "rnn", "glimpse_encoder": "linear"}
 METRICS_NAME = "metrics.jsonl"  # one JSON line per epoch in the run's checkpoint folder
 NOISE_STRIDE = 1_000_003  # a prime above any split size: (seed, image) pairs never collide
 LOSS_TERMS = ("recon", "classify", "reinforce", "baseline", "total")  # compute_losses' keys
