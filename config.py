@@ -208,9 +208,19 @@ def _training_flags(p):
     train.add_argument("--lr_patience", type=positive_int, default=20,
                        help="epochs without a better validation score (PSNR under unsupervised, "
                        "accuracy under supervised) before the learning "
-                       "rate is cut by 10x")
+                       "rate is cut by 10x (--schedule=plateau)")
     train.add_argument("--train_patience", type=positive_int, default=50,
                        help="epochs without a better validation score before training stops")
+    train.add_argument("--schedule", choices=SCHEDULES, default="plateau",
+                       help="how the learning rate moves: plateau: cut by 10x after "
+                       "--lr_patience epochs without a better validation score; cosine: from "
+                       "--init_lr down to 0 along a half cosine over --epochs epochs, set once "
+                       "per epoch, whatever the validation score")
+    train.add_argument("--augment", type=_bool, default=False,
+                       help="randomly crop (4 px of zero padding) and horizontally flip each "
+                       "training image, drawn anew every epoch from --random_seed, the epoch and "
+                       "the image; validation and test images never (cifar10 only: a flipped "
+                       "digit is no digit)")
     train.add_argument("--random_seed", type=_int_between(0, MAX_SEED), default=1,
                        help="seed of every random stream")
     train.add_argument("--device", default="auto",
@@ -259,6 +269,9 @@ def build_parser():
     return p
 
 
+SCHEDULES = ("plateau", "cosine")  # --schedule: see trainer.make_scheduler
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every option of a run that is neither the model's nor the loss's: the data, the training,
@@ -276,6 +289,8 @@ class TrainConfig:
     init_lr: float = 3e-4
     lr_patience: int = 20
     train_patience: int = 50
+    schedule: str = "plateau"
+    augment: bool = False
     random_seed: int = 1
     device: str = "auto"
     amp: bool = False
@@ -294,6 +309,14 @@ class TrainConfig:
     plot_freq: int = 1
     print_freq: int = 10
 
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, "
+                             f"got {self.schedule!r}")
+        if self.augment and self.dataset != "cifar10":
+            raise ValueError(f"--augment=true is for --dataset=cifar10 only, not "
+                             f"{self.dataset}: its horizontal flip turns a digit into no digit")
+
 
 def ignored_flags(cfg: TrainConfig):
     """Warnings, one line each, for flags that this combination makes do nothing."""
@@ -310,7 +333,10 @@ def ignored_flags(cfg: TrainConfig):
     if cfg.dataset != "cluttered" and cfg.distractors is not None:
         warnings.append(f"--distractors={cfg.distractors} is ignored with --dataset="
                         f"{cfg.dataset}; only cluttered canvases have distractors")
-    if cfg.is_train and cfg.lr_patience >= cfg.train_patience:
+    if cfg.schedule == "cosine" and cfg.lr_patience != TrainConfig.lr_patience:
+        warnings.append(f"--lr_patience={cfg.lr_patience} is ignored with --schedule=cosine; the "
+                        "learning rate follows the cosine whatever the validation score")
+    if cfg.is_train and cfg.schedule == "plateau" and cfg.lr_patience >= cfg.train_patience:
         warnings.append(f"--lr_patience={cfg.lr_patience} is not below --train_patience="
                         f"{cfg.train_patience}: training stops before the learning rate is cut")
     return warnings
@@ -367,8 +393,11 @@ def model_config(args, data=None, **overrides):
 
 
 def train_config(args):
-    """The TrainConfig the flags describe."""
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    """The TrainConfig the flags describe; a combination it refuses is a UserError."""
+    try:
+        return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def loss_weights(args):
