@@ -278,3 +278,15 @@ def test_checkpoints_from_before_these_options_load_with_their_old_behaviour(tmp
     assert resume_changes(ckpt, TrainConfig(), LossWeights()) == []
     assert resume_changes(ckpt, TrainConfig(schedule="cosine"), LossWeights()) == [
         ("schedule", "plateau", "cosine")]
+
+
+def test_every_option_together_trains_an_epoch_and_tests_through_main(tiny_cifar, tmp_path,
+                                                                     capsys):
+    data_dir, _ = tiny_cifar
+    flags = [f"--data_dir={data_dir}", f"--ckpt_dir={tmp_path / 'ckpt'}",
+             f"--plot_dir={tmp_path / 'plots'}", *TINY, "--core=lstm", "--glimpse_encoder=conv",
+             "--augment=true", "--schedule=cosine", "--epochs=1"]
+    assert main.main(flags) == 0
+    assert main.main([*flags, "--is_train=false", "--linear_eval=false"]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/1" in out and "test ram_3_6x6_2_lstm_conv epoch 1" in out
