@@ -11,6 +11,8 @@ from datasets import DATASETS, DIGIT, DataSpec
 from model import LossWeights
 from modules import (
     BASELINES,
+    CORES,
+    GLIMPSE_ENCODERS,
     OBJECTIVES,
     POLICIES,
     POLICY_INPUTS,
@@ -103,6 +105,11 @@ def _glimpse_flags(p):
                          help="width of the layer that reads the patches ('what')")
     glimpse.add_argument("--loc_hidden", type=positive_int, default=128,
                          help="width of the layer that reads the location ('where')")
+    glimpse.add_argument("--glimpse_encoder", choices=GLIMPSE_ENCODERS, default="linear",
+                         help="the layer that reads the patches: linear (the seed's), or conv: "
+                         "the k patches stacked as the k*C channels of one g x g image, two 3x3 "
+                         "convolutions of 32 maps, then a linear layer to --glimpse_hidden "
+                         "(filters shared across the patch, for several times the arithmetic)")
 
 
 def _core_flags(p):
@@ -112,6 +119,11 @@ def _core_flags(p):
                       "--dataset)")
     core.add_argument("--hidden_size", type=positive_int, default=256,
                       help="width of the core RNN's state h_t")
+    core.add_argument("--core", choices=tuple(CORES), default="rnn",
+                      help="the recurrence that integrates the glimpses: rnn, h_t = relu(W_g g_t "
+                      "+ W_h h_{t-1}) (the seed's); lstm or gru, gated cells that can keep what "
+                      "early glimpses saw (the LSTM's memory cell stays inside the rollout; "
+                      "h_t is what the policy, decoder and probe read)")
     core.add_argument("--std", type=positive_float, default=None,
                       help="standard deviation of the Gaussian location policy (locations are "
                       "in [-1, 1]; default: the dataset's, 0.05 on cifar10, 0.15 on mnist, 0.25 "
@@ -196,9 +208,19 @@ def _training_flags(p):
     train.add_argument("--lr_patience", type=positive_int, default=20,
                        help="epochs without a better validation score (PSNR under unsupervised, "
                        "accuracy under supervised) before the learning "
-                       "rate is cut by 10x")
+                       "rate is cut by 10x (--schedule=plateau)")
     train.add_argument("--train_patience", type=positive_int, default=50,
                        help="epochs without a better validation score before training stops")
+    train.add_argument("--schedule", choices=SCHEDULES, default="plateau",
+                       help="how the learning rate moves: plateau: cut by 10x after "
+                       "--lr_patience epochs without a better validation score; cosine: from "
+                       "--init_lr down to 0 along a half cosine over --epochs epochs, set once "
+                       "per epoch, whatever the validation score")
+    train.add_argument("--augment", type=_bool, default=False,
+                       help="randomly crop (4 px of zero padding) and horizontally flip each "
+                       "training image, drawn anew every epoch from --random_seed, the epoch and "
+                       "the image; validation and test images never (cifar10 only: a flipped "
+                       "digit is no digit)")
     train.add_argument("--random_seed", type=_int_between(0, MAX_SEED), default=1,
                        help="seed of every random stream")
     train.add_argument("--device", default="auto",
@@ -247,6 +269,9 @@ def build_parser():
     return p
 
 
+SCHEDULES = ("plateau", "cosine")  # --schedule: see trainer.make_scheduler
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every option of a run that is neither the model's nor the loss's: the data, the training,
@@ -264,6 +289,8 @@ class TrainConfig:
     init_lr: float = 3e-4
     lr_patience: int = 20
     train_patience: int = 50
+    schedule: str = "plateau"
+    augment: bool = False
     random_seed: int = 1
     device: str = "auto"
     amp: bool = False
@@ -282,6 +309,14 @@ class TrainConfig:
     plot_freq: int = 1
     print_freq: int = 10
 
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, "
+                             f"got {self.schedule!r}")
+        if self.augment and self.dataset != "cifar10":
+            raise ValueError(f"--augment=true is for --dataset=cifar10 only, not "
+                             f"{self.dataset}: its horizontal flip turns a digit into no digit")
+
 
 def ignored_flags(cfg: TrainConfig):
     """Warnings, one line each, for flags that this combination makes do nothing."""
@@ -298,7 +333,10 @@ def ignored_flags(cfg: TrainConfig):
     if cfg.dataset != "cluttered" and cfg.distractors is not None:
         warnings.append(f"--distractors={cfg.distractors} is ignored with --dataset="
                         f"{cfg.dataset}; only cluttered canvases have distractors")
-    if cfg.is_train and cfg.lr_patience >= cfg.train_patience:
+    if cfg.schedule == "cosine" and cfg.lr_patience != TrainConfig.lr_patience:
+        warnings.append(f"--lr_patience={cfg.lr_patience} is ignored with --schedule=cosine; the "
+                        "learning rate follows the cosine whatever the validation score")
+    if cfg.is_train and cfg.schedule == "plateau" and cfg.lr_patience >= cfg.train_patience:
         warnings.append(f"--lr_patience={cfg.lr_patience} is not below --train_patience="
                         f"{cfg.train_patience}: training stops before the learning rate is cut")
     return warnings
@@ -337,7 +375,7 @@ def model_config(args, data=None, **overrides):
     chosen = {name: getattr(args, name) for name in (
         "patch_size", "glimpse_scale", "num_patches", "glimpse_hidden", "loc_hidden",
         "hidden_size", "num_glimpses", "std", "policy", "objective", "reward", "baseline",
-        "probe_input", "policy_input")}
+        "probe_input", "policy_input", "core", "glimpse_encoder")}
     for name, value in data_spec(args).model_defaults().items():
         if chosen[name] is None:
             chosen[name] = value
@@ -355,8 +393,11 @@ def model_config(args, data=None, **overrides):
 
 
 def train_config(args):
-    """The TrainConfig the flags describe."""
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    """The TrainConfig the flags describe; a combination it refuses is a UserError."""
+    try:
+        return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def loss_weights(args):
@@ -368,7 +409,8 @@ def loss_weights(args):
 def model_name(cfg: ModelConfig):
     """ram_[<dataset>_]<glimpses>_<g>x<g>_<scale> (the dataset's tag where it is not cifar10),
     then _k<patches>, _<objective>, _nodecoder (pure RAM), _<policy> and the reward,
-    baseline and probe options, each where it is not the default."""
+    baseline, probe, policy-input, core and glimpse-encoder options, each where it is not the
+    default."""
     prefix = "ram" if cfg.dataset == ModelConfig.dataset else f"ram_{cfg.dataset}"
     name = f"{prefix}_{cfg.num_glimpses}_{cfg.patch_size}x{cfg.patch_size}_{cfg.glimpse_scale}"
     if cfg.num_patches != ModelConfig.num_patches:
@@ -380,7 +422,8 @@ def model_name(cfg: ModelConfig):
     if cfg.policy != ModelConfig.policy:
         name += f"_{cfg.policy}"
     # Ablations get folders of their own.
-    for option in ("reward", "baseline", "probe_input", "policy_input"):
+    for option in ("reward", "baseline", "probe_input", "policy_input", "core",
+                   "glimpse_encoder"):
         if getattr(cfg, option) != getattr(ModelConfig, option):
             name += f"_{getattr(cfg, option)}"
     return name

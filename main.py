@@ -15,7 +15,7 @@ from config import (
     train_config,
 )
 from data_loader import Batching, make_loader, to_float
-from datasets import load_data
+from datasets import Augmented, load_data
 from plot_glimpses import write_glimpse_data
 from trainer import NonFiniteLossError, Trainer, TrainingInterrupted, print_main
 from utils import (
@@ -82,6 +82,15 @@ def batching(trainer):
                     trainer.device.type == "cuda", trainer.procs)
 
 
+def loaders(trainer, data):
+    """The training loader, its images cropped and flipped with --augment, and the validation
+    loader, never augmented."""
+    cfg = trainer.train_cfg
+    train_set = Augmented(data.train, cfg.random_seed) if cfg.augment else data.train
+    return (make_loader(train_set, batching(trainer), shuffle=True),
+            make_loader(data.valid, batching(trainer), shuffle=False))
+
+
 def plot_hook(trainer, valid_loader):
     """What training calls after each epoch: the glimpse data of the first validation images,
     every --plot_freq epochs. A failed write (a full disk) is a warning; training goes on."""
@@ -118,8 +127,7 @@ def train(trainer, data, stop):
     with run_lock(trainer.ckpt_folder, procs):
         trainer.claim_folder()
         path = trainer.checkpoint_path(best=False) if cfg.resume else None
-        train_loader = make_loader(data.train, batching(trainer), shuffle=True)
-        valid_loader = make_loader(data.valid, batching(trainer), shuffle=False)
+        train_loader, valid_loader = loaders(trainer, data)
         if path is not None:
             position = trainer.resume(path, train_loader)
             within = f", {position['images_seen']} images into epoch {trainer.epoch + 1}" \

@@ -8,10 +8,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modules import (
+    CORES,
     POLICIES,
     BaselineNetwork,
     Classifier,
-    CoreNetwork,
     Decoder,
     GlimpseNetwork,
     ModelConfig,
@@ -62,7 +62,9 @@ class RecurrentAttention(nn.Module):
 
     For t = 1..T:  l_t ~ pi(. | h_{t-1}, t),  h_t = core(glimpse(retina(x, l_t), l_t), h_{t-1}),
     x_hat_t = sum_{tau <= t} decoder(h_tau).  h_0 = 0, so the learned policy places the first
-    glimpse too. pi is the `locator`, the module POLICIES names for cfg.policy.
+    glimpse too. pi is the `locator`, the module POLICIES names for cfg.policy; the core is the
+    one CORES names for cfg.core (an LSTM core also carries its memory cell c_t, c_0 = 0, from
+    step to step inside the rollout; nothing else sees it).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -70,7 +72,7 @@ class RecurrentAttention(nn.Module):
         self.cfg = cfg
         self.retina = Retina(cfg)
         self.glimpse = GlimpseNetwork(cfg)
-        self.core = CoreNetwork(cfg)
+        self.core = CORES[cfg.core](cfg)
         self.locator = POLICIES[cfg.policy](cfg)
         self.baseline = BaselineNetwork(cfg)
         self.classifier = Classifier(cfg)
@@ -121,13 +123,14 @@ class RecurrentAttention(nn.Module):
         if decode not in DECODES:
             raise ValueError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
         prepared = self.retina.prepare(self.normalize(x))  # once per batch, reused every step
-        h = x.new_zeros(paths * x.shape[0], cfg.hidden_size)  # (paths*B, hidden)
+        # The state h and the LSTM core's memory cell c (the other cores hand it back untouched).
+        h = c = x.new_zeros(paths * x.shape[0], cfg.hidden_size)  # (paths*B, hidden) each
         states, locations, means, log_pis, baselines, patches = [], [], [], [], [], []
         for t in range(cfg.num_glimpses):
             l, log_pi, mu = self._place(h, t, noise, path)
             baselines.append(self.baseline(h, t))  # value of the state the choice was made in
             phi = self.retina(prepared, l)  # (paths*B, k, C, g, g)
-            h = self.core(self.glimpse(phi, l), h)  # (paths*B, hidden)
+            h, c = self.core(self.glimpse(phi, l), h, c)  # (paths*B, hidden) each
             states.append(h)
             locations.append(l)
             means.append(mu)
@@ -141,8 +144,7 @@ class RecurrentAttention(nn.Module):
         # (Decoder.direct_errors is the same through the canvases, for a non-linear decoder).
         errors = None if self.decoder is None else self.decoder.errors(
             states, x, last_only=decode == "last")
-        plots = decode == "plots"
-        canvases = plots and self.decoder is not None
+        canvases = decode == "plots" and self.decoder is not None
         return Rollout(
             locations=torch.stack(locations),
             loc_means=torch.stack(means),
@@ -154,7 +156,7 @@ class RecurrentAttention(nn.Module):
             blank_errors=x.pow(2).flatten(1).mean(-1).repeat(paths),  # (paths*B,)
             decoded=self.decoder.steps(states) if canvases else None,
             recon=self.decoder(states) if canvases else None,
-            patches=torch.stack(patches) if plots else None,
+            patches=torch.stack(patches) if patches else None,  # taken for the plots only
         )
 
 

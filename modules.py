@@ -45,6 +45,8 @@ class ModelConfig:
     baseline: str = "shared"
     probe_input: str = "summed"
     policy_input: str = "state"
+    core: str = "rnn"
+    glimpse_encoder: str = "linear"
     pixel_mean: tuple = CIFAR10_MEAN
     pixel_std: tuple = CIFAR10_STD
     decoder: bool = True  # False: pure RAM, no reconstruction at all (it costs nothing)
@@ -65,7 +67,8 @@ class ModelConfig:
             raise ValueError(
                 f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         for name, choices in (("reward", REWARDS), ("baseline", BASELINES),
-                              ("probe_input", PROBE_INPUTS), ("policy_input", POLICY_INPUTS)):
+                              ("probe_input", PROBE_INPUTS), ("policy_input", POLICY_INPUTS),
+                              ("core", tuple(CORES)), ("glimpse_encoder", GLIMPSE_ENCODERS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name} must be one of {', '.join(choices)}, "
                                  f"got {getattr(self, name)!r}")
@@ -105,6 +108,8 @@ REWARDS = ("sum", "gain")  # how the unsupervised objective pays a glimpse: see 
 BASELINES = ("shared", "per_step")
 PROBE_INPUTS = ("summed", "last")
 POLICY_INPUTS = ("state", "state_step", "grid_prior")
+GLIMPSE_ENCODERS = ("linear", "conv")  # the first layer of the "what" pathway
+CONV_CHANNELS = 32  # feature maps of each convolution of the conv glimpse encoder
 
 
 def location_to_pixels(l, image_size):
@@ -237,10 +242,41 @@ class Retina(nn.Module):
         return phi.transpose(1, 2)  # (N, k, C, g, g)
 
 
+class ConvGlimpseEncoder(nn.Module):
+    """The first layer of the "what" pathway as a small CNN (`glimpse_encoder=conv`).
+
+    e_t = W_fc flatten(relu(conv_2(relu(conv_1(phi_t)))))
+
+    The k pooled patches are concentric views of one spot, so they are stacked as the k*C
+    channels of a single g x g image; both convolutions are 3x3 with zero padding, so the
+    maps stay g x g.
+
+    Args of forward:
+        phi: (B, k, C, g, g) patches from the retina.
+    Returns:
+        (B, glimpse_hidden), before the ReLU that GlimpseNetwork applies (as to fc_phi's).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        channels = cfg.num_patches * cfg.num_channels
+        self.conv1 = nn.Conv2d(channels, CONV_CHANNELS, 3, padding=1)
+        self.conv2 = nn.Conv2d(CONV_CHANNELS, CONV_CHANNELS, 3, padding=1)
+        self.fc = nn.Linear(CONV_CHANNELS * cfg.patch_size**2, cfg.glimpse_hidden)
+
+    def forward(self, phi):
+        x = phi.flatten(1, 2)  # (B, k*C, g, g)
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))  # (B, CONV_CHANNELS, g, g)
+        return self.fc(x.flatten(1))  # (B, glimpse_hidden)
+
+
 class GlimpseNetwork(nn.Module):
     """Combine "what" (the patches) and "where" (the location) into one feature vector.
 
-    g_t = relu(W_what relu(W_phi phi_t) + W_where relu(W_l l_t))
+    g_t = relu(W_what relu(E(phi_t)) + W_where relu(W_l l_t))
+
+    E is a linear layer on the flattened patches, E(phi) = W_phi phi (`glimpse_encoder=linear`,
+    the seed's), or a ConvGlimpseEncoder (`conv`).
 
     Args of forward:
         phi: (B, k, C, g, g) patches from the retina.
@@ -251,27 +287,33 @@ class GlimpseNetwork(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc_phi = nn.Linear(cfg.glimpse_numel, cfg.glimpse_hidden)
+        conv = cfg.glimpse_encoder == "conv"
+        self.fc_phi = None if conv else nn.Linear(cfg.glimpse_numel, cfg.glimpse_hidden)
+        self.conv_phi = ConvGlimpseEncoder(cfg) if conv else None
         self.fc_l = nn.Linear(2, cfg.loc_hidden)
         self.fc_what = nn.Linear(cfg.glimpse_hidden, cfg.hidden_size)
         self.fc_where = nn.Linear(cfg.loc_hidden, cfg.hidden_size)
 
     def forward(self, phi, l):
-        what = self.fc_what(F.relu(self.fc_phi(phi.flatten(1))))  # (B, hidden)
+        encoded = self.fc_phi(phi.flatten(1)) if self.conv_phi is None else self.conv_phi(phi)
+        what = self.fc_what(F.relu(encoded))  # (B, hidden)
         where = self.fc_where(F.relu(self.fc_l(l)))  # (B, hidden)
         return F.relu(what + where)
 
 
 class CoreNetwork(nn.Module):
-    """Elman RNN that integrates the glimpses.
+    """Elman RNN that integrates the glimpses (`core=rnn`, the seed's).
 
     h_t = relu(W_g g_t + W_h h_{t-1})
 
-    Args of forward:
+    Every core in CORES is called alike. Args of forward:
         g_t: (B, hidden_size) glimpse feature.
         h_prev: (B, hidden_size) previous state.
+        c_prev: (B, hidden_size) previous memory cell. Only the LSTM has one; the other cores
+            hand it back untouched.
     Returns:
-        h_t: (B, hidden_size).
+        h_t: (B, hidden_size), the state the policy, baseline, decoder and probe read.
+        c_t: (B, hidden_size), the memory cell (c_prev here).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -279,8 +321,44 @@ class CoreNetwork(nn.Module):
         self.i2h = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.h2h = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, g_t, h_prev):
-        return F.relu(self.i2h(g_t) + self.h2h(h_prev))
+    def forward(self, g_t, h_prev, c_prev):
+        return F.relu(self.i2h(g_t) + self.h2h(h_prev)), c_prev
+
+
+class LSTMCore(nn.Module):
+    """LSTM cell that integrates the glimpses (`core=lstm`).
+
+    [i, f, u, o] = [sigm, sigm, tanh, sigm](W_g g_t + W_h h_{t-1} + b),
+    c_t = f * c_{t-1} + i * u,   h_t = o * tanh(c_t)
+
+    h_t is the state passed on; the memory cell c_t stays inside the rollout. Called like
+    CoreNetwork: (g_t, h_prev, c_prev) -> (h_t, c_t), all (B, hidden_size).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cell = nn.LSTMCell(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, g_t, h_prev, c_prev):
+        return self.cell(g_t, (h_prev, c_prev))
+
+
+class GRUCore(nn.Module):
+    """GRU cell that integrates the glimpses (`core=gru`).
+
+    z = sigm(W_z g_t + U_z h_{t-1}),  r = sigm(W_r g_t + U_r h_{t-1}),
+    n = tanh(W_n g_t + r * (U_n h_{t-1})),  h_t = (1 - z) * n + z * h_{t-1}   (biases omitted)
+
+    Called like CoreNetwork: (g_t, h_prev, c_prev) -> (h_t, c_prev), all (B, hidden_size); a
+    GRU has no memory cell.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cell = nn.GRUCell(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, g_t, h_prev, c_prev):
+        return self.cell(g_t, h_prev), c_prev
 
 
 class LocationNetwork(nn.Module):
@@ -568,3 +646,6 @@ class Decoder(nn.Module):
 # with its `place`, and one entry here.
 POLICIES = {"learned": LocationNetwork, "random": RandomPolicy, "centre": CentrePolicy,
             "grid": GridPolicy}
+
+# --core: the recurrence that integrates the glimpses.
+CORES = {"rnn": CoreNetwork, "lstm": LSTMCore, "gru": GRUCore}

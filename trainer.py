@@ -50,7 +50,10 @@ from utils import (
 
 # What a checkpoint written before a ModelConfig field existed did instead (the probe read h_T).
 OLDER_MODEL_CONFIG = {"reward": "sum", "baseline": "shared", "probe_input": "last",
-                      "policy_input": "state", "dataset": "cifar10", "decoder": True}
+                      "policy_input": "state", "dataset": "cifar10", "decoder": True,
+                      "core": "rnn", "glimpse_encoder": "linear"}
+# What a run written before a TrainConfig field existed did: the plateau schedule, no augmentation.
+OLDER_TRAIN_CONFIG = {"schedule": "plateau", "augment": False}
 METRICS_NAME = "metrics.jsonl"  # one JSON line per epoch in the run's checkpoint folder
 NOISE_STRIDE = 1_000_003  # a prime above any split size: (seed, image) pairs never collide
 LOSS_TERMS = ("recon", "classify", "reinforce", "baseline", "total")  # compute_losses' keys
@@ -60,9 +63,13 @@ LOSS_TERMS = ("recon", "classify", "reinforce", "baseline", "total")  # compute_
 REFUSED_ON_RESUME = {
     "random_seed": "it fixes the run's data order, training canvases and evaluation noise",
     "valid_size": "it would change the validation images and move some into training",
+    "schedule": "the checkpoint holds the state of the run's own schedule",
 }
 APPLIED_ON_RESUME = {
-    "init_lr": "the learning rate restarts at it",
+    "init_lr": "the learning rate restarts at it (with --schedule=cosine: the cosine is "
+               "rescaled to start from it, from the epoch reached on)",
+    "epochs": "training goes on to it (with --schedule=cosine: on the cosine that ends there, "
+              "from the epoch reached on)",
     "lr_patience": "the epochs without improvement counted so far still count",
     "batch_size": "the epoch in progress goes on from its first image not yet trained on",
 }
@@ -85,6 +92,26 @@ class TrainingInterrupted(Exception):
 def make_optimizer(model, lr, device):
     """Adam; the fused kernel where the device has one (one pass over all parameters)."""
     return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
+
+
+def cosine_factor(epoch, epochs):
+    """The fraction of --init_lr that --schedule=cosine trains epoch `epoch` + 1 of `epochs`
+    at: (1 + cos(pi epoch / epochs)) / 2, 1 for the first epoch, 0 once the last is done."""
+    return (1 + math.cos(math.pi * epoch / epochs)) / 2
+
+
+def make_scheduler(optimizer, train_cfg: TrainConfig):
+    """The --schedule, stepped once after each epoch's validation (Trainer.validate).
+
+    plateau: ReduceLROnPlateau on the validation score, the learning rate cut by 10x after
+    --lr_patience epochs without a better one. cosine: lr = init_lr * cosine_factor(e, epochs)
+    after e epochs, whatever the score.
+    """
+    if train_cfg.schedule == "cosine":
+        epochs = train_cfg.epochs  # this run's: a resume with a new --epochs follows the new cosine
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: cosine_factor(e, epochs))
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=0.1, patience=train_cfg.lr_patience)
 
 
 class EpochTally:
@@ -242,7 +269,8 @@ def encode(model, loader, train_cfg: TrainConfig, device):
 
 def resume_changes(ckpt, train_cfg: TrainConfig, weights: LossWeights):
     """(flag, the run's value, the new value) for every flag that differs from the run's."""
-    changes = [(f.name, ckpt["train_config"].get(f.name), getattr(train_cfg, f.name))
+    run = {**OLDER_TRAIN_CONFIG, **ckpt["train_config"]}
+    changes = [(f.name, run.get(f.name), getattr(train_cfg, f.name))
                for f in fields(train_cfg) if f.name not in NOT_COMPARED]
     changes += [(name, ckpt["loss_weights"].get(name), value)
                 for name, value in asdict(weights).items()]
@@ -278,8 +306,7 @@ class Trainer:
         # Evaluation needs no gradient exchange: each process runs its share on the module.
         self.eval_model = compile_model(self.model, device) if train_cfg.compile else self.model
         self.optimizer = make_optimizer(self.model, train_cfg.init_lr, device)
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="max", factor=0.1, patience=train_cfg.lr_patience)
+        self.scheduler = make_scheduler(self.optimizer, train_cfg)
         self.epoch = 0
         self.best_score = -math.inf
         self.epochs_since_best = 0
@@ -421,14 +448,27 @@ class Trainer:
 
     def _apply(self, changes):
         """Make the optimizer and scheduler follow the new flags; say what changed."""
+        plateau = self.train_cfg.schedule == "plateau"
         for name, old, new in changes:
-            if name == "init_lr":
+            if name == "lr_patience" and not plateau:
+                continue  # ignored under cosine, and ignored_flags has said so
+            if name == "init_lr" and plateau:
                 for group in self.optimizer.param_groups:
                     group["lr"] = new
             elif name == "lr_patience":
                 self.scheduler.patience = new
             print_main(self.procs, f"note: --{name}={new} (the run had {old}) is applied; "
                        + APPLIED_ON_RESUME.get(name, "it holds from now on"))
+        if not plateau:
+            self._follow_cosine()
+
+    def _follow_cosine(self):
+        """Put the learning rate on the cosine of this run's --init_lr and --epochs at the epoch
+        reached: where the checkpoint left it, unless one of those flags changed."""
+        lr = self.train_cfg.init_lr
+        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * cosine_factor(self.epoch, self.train_cfg.epochs)
 
     def _restore_rng(self, path, states):
         if len(states) == self.procs.world_size:
@@ -506,7 +546,10 @@ class Trainer:
             metrics["valid_hit_rate"] = sum(valid["hit_rate"]) / len(valid["hit_rate"])
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         score = valid[self.selection]
-        self.scheduler.step(score)
+        if self.train_cfg.schedule == "plateau":
+            self.scheduler.step(score)
+        else:
+            self.scheduler.step()
         is_best = score > self.best_score
         if is_best:
             self.best_score, self.epochs_since_best = score, 0

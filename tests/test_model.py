@@ -39,8 +39,8 @@ def test_every_module_has_the_documented_shapes():
     assert phi.shape == (B, 3, 3, 6, 6)
     g = GlimpseNetwork(cfg)(phi, l)
     assert g.shape == (B, 256)
-    h = CoreNetwork(cfg)(g, torch.zeros(B, 256))
-    assert h.shape == (B, 256)
+    h, c = CoreNetwork(cfg)(g, torch.zeros(B, 256), torch.zeros(B, 256))
+    assert h.shape == c.shape == (B, 256)
     l_next, log_pi, mu = LocationNetwork(cfg)(h, 0)
     assert l_next.shape == (B, 2) and log_pi.shape == (B,) and mu.shape == (B, 2)
     assert l_next.abs().max() <= 1.0
@@ -259,7 +259,7 @@ def test_probe_reads_the_summed_states_by_default_and_the_last_on_request():
     for probe_input in ("summed", "last"):
         model = RecurrentAttention(ModelConfig(**SMALL, probe_input=probe_input))
         states, seen = [], []
-        model.core.register_forward_hook(lambda m, args, out: states.append(out))
+        model.core.register_forward_hook(lambda m, args, out: states.append(out[0]))
         model.classifier.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
         model(x)
         expected = torch.stack(states).sum(0) if probe_input == "summed" else states[-1]
