@@ -341,7 +341,9 @@ CURVES = (  # metrics.jsonl key, panel title
     ("train_recon", "train reconstruction MSE"), ("valid_psnr", "validation PSNR (dB)"),
     ("valid_acc", "validation accuracy (%, probe under unsupervised)"),
     ("valid_loc_spread", "location spread across images"),
-    ("valid_distinct", "distinct glimpses per episode"), ("train_images_per_s", "images/s"),
+    ("valid_distinct", "distinct glimpses per episode"),
+    ("valid_hit_rate", "hit rate (% of glimpses in the digit's box)"),
+    ("train_images_per_s", "images/s"),
 )
 
 
@@ -351,11 +353,21 @@ def read_metrics(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def curve_panels(runs):
+    """The CURVES entries that some run has a finite value for: a model without a decoder has
+    no PSNR, CIFAR-10 no hit rate."""
+    return [(key, title) for key, title in CURVES
+            if any(math.isfinite(m.get(key, math.nan)) for lines in runs.values() for m in lines)]
+
+
 def draw_curves(runs, out):
-    """One panel per CURVES entry, one line per run; `runs` maps a label to its epoch lines."""
-    fig = _new_figure((12, 7), 100)
-    for i, (key, title) in enumerate(CURVES, start=1):
-        ax = fig.add_subplot(2, 3, i)
+    """One panel per `curve_panels` entry, one line per run; `runs` maps a label to its epoch
+    lines."""
+    shown = curve_panels(runs)
+    rows = max(1, math.ceil(len(shown) / 3))
+    fig = _new_figure((12, 3.5 * rows), 100)
+    for i, (key, title) in enumerate(shown, start=1):
+        ax = fig.add_subplot(rows, 3, i)
         for label, lines in runs.items():
             points = [(m["epoch"], m[key]) for m in lines if key in m]
             if points:
