@@ -399,10 +399,21 @@ def parse_args(argv=None):
     return args
 
 
+def run_labels(paths):
+    """A label per metrics file: its run folder's name, with as many folders above it as it
+    takes to tell apart runs of the same name (two seeds in two --ckpt_dir, say)."""
+    parts = [os.path.dirname(os.path.abspath(path)).split(os.sep) for path in paths]
+    for depth in range(1, max(map(len, parts)) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return list(paths)  # the same file twice
+
+
 def plot_curves(args):
     try:
-        runs = {os.path.basename(os.path.dirname(os.path.abspath(path))) or path:
-                read_metrics(path) for path in args.metrics}
+        runs = {label: read_metrics(path)
+                for label, path in zip(run_labels(args.metrics), args.metrics, strict=True)}
     except (OSError, ValueError) as e:
         print(f"plot_glimpses.py: error: cannot read the metrics ({e}); pass the metrics.jsonl "
               "files that training wrote", file=sys.stderr)

@@ -203,3 +203,11 @@ def test_curves_leave_out_what_no_run_measured(tmp_path):
     assert panels == ["train_recon", "valid_acc", "valid_hit_rate", "train_images_per_s"]
     out = plot_glimpses.draw_curves({"translated": pure_ram}, str(tmp_path / "curves.png"))
     assert os.path.getsize(out) > 0
+
+
+def test_curves_of_runs_with_the_same_name_get_labels_apart():
+    paths = ["/runs/ckpt/ram_9_6x6_2/metrics.jsonl", "/runs/ckpt_s2/ram_9_6x6_2/metrics.jsonl",
+             "/runs/ckpt/ram_9_6x6_2_grid/metrics.jsonl"]
+    assert plot_glimpses.run_labels(paths) == [
+        "ckpt/ram_9_6x6_2", "ckpt_s2/ram_9_6x6_2", "ckpt/ram_9_6x6_2_grid"]
+    assert plot_glimpses.run_labels(paths[2:]) == ["ram_9_6x6_2_grid"]
