@@ -156,10 +156,11 @@ def test(trainer, data):
     trainer.load(path)
     loader = make_loader(data.test, batching(trainer), shuffle=False)
     m = trainer.test(loader)
+    recon = f"reconstruction mse {m['mse']:.5f} psnr {m['psnr']:.2f} dB" if trainer.cfg.decoder \
+        else "no reconstruction (no decoder)"
     print_main(trainer.procs, f"test {trainer.name} epoch {trainer.epoch} ({path}), M={cfg.M}: "
-               f"accuracy {m['acc']:.2f}% (error {100 - m['acc']:.2f}%) | reconstruction mse "
-               f"{m['mse']:.5f} psnr {m['psnr']:.2f} dB | location spread "
-               f"{m['loc_spread']:.3f} | distinct glimpses {m['distinct']:.2f} of "
+               f"accuracy {m['acc']:.2f}% (error {100 - m['acc']:.2f}%) | {recon} | location "
+               f"spread {m['loc_spread']:.3f} | distinct glimpses {m['distinct']:.2f} of "
                f"{trainer.cfg.num_glimpses}")
     aims = " ".join(f"({x:+.2f},{y:+.2f})±{(sx + sy) / 2:.3f}"
                     for (x, y), (sx, sy) in zip(m["loc_mean"], m["loc_std"], strict=True))
@@ -178,6 +179,11 @@ def test(trainer, data):
 
 def report_adaptivity(trainer, loader):
     own, mean = trainer.adaptivity(loader)
+    if not trainer.cfg.decoder:  # accuracy alone
+        print_main(trainer.procs, f"adaptivity (one path, no exploration noise): own paths "
+                   f"accuracy {own['acc']:.2f}%; every image on the mean path accuracy "
+                   f"{mean['acc']:.2f}%; gain {own['acc'] - mean['acc']:+.2f} points")
+        return
     print_main(trainer.procs, f"adaptivity (one path, no exploration noise): own paths psnr "
                f"{own['psnr']:.2f} dB, accuracy {own['acc']:.2f}%; every image on the mean "
                f"path psnr {mean['psnr']:.2f} dB, accuracy {mean['acc']:.2f}%; gain "

@@ -116,6 +116,7 @@ def test_translated_digits_train_and_test_through_main(tiny_mnist, tmp_path):
     tested = run_main("--is_train=False", *common)
     assert tested.returncode == 0, tested.stderr
     assert "hit rate (% of glimpses centred in the digit's box)" in tested.stdout
+    assert "no reconstruction (no decoder)" in tested.stdout and "nan" not in tested.stdout
     assert "linear evaluation" in tested.stdout
 
 
