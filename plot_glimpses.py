@@ -354,10 +354,12 @@ def read_metrics(path):
 
 
 def curve_panels(runs):
-    """The CURVES entries that some run has a finite value for: a model without a decoder has
-    no PSNR, CIFAR-10 no hit rate."""
+    """The CURVES entries that some run measured, a finite value other than 0: a model without
+    a decoder has no reconstruction (its loss term is 0, its PSNR NaN), CIFAR-10 no hit rate."""
+    def measured(value):
+        return math.isfinite(value) and value != 0
     return [(key, title) for key, title in CURVES
-            if any(math.isfinite(m.get(key, math.nan)) for lines in runs.values() for m in lines)]
+            if any(measured(m.get(key, math.nan)) for lines in runs.values() for m in lines)]
 
 
 def draw_curves(runs, out):
@@ -368,10 +370,10 @@ def draw_curves(runs, out):
     fig = _new_figure((12, 3.5 * rows), 100)
     for i, (key, title) in enumerate(shown, start=1):
         ax = fig.add_subplot(rows, 3, i)
-        for label, lines in runs.items():
+        for j, (label, lines) in enumerate(runs.items()):
             points = [(m["epoch"], m[key]) for m in lines if key in m]
-            if points:
-                ax.plot(*zip(*points, strict=True), label=label, marker=".")
+            if points:  # a run keeps its colour in every panel, whichever runs a panel has
+                ax.plot(*zip(*points, strict=True), label=label, marker=".", color=f"C{j % 10}")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
     fig.axes[0].legend(fontsize=7)
