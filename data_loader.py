@@ -100,15 +100,21 @@ def _from_torchvision_layout(data_dir):
     return _read_batches_dir(folder)
 
 
-def _from_torchvision_download(data_dir):
+def torchvision_download(name, data_dir):
+    """Have torchvision download its dataset `name` (CIFAR10, MNIST) into data_dir; an
+    unreachable host fails after DOWNLOAD_TIMEOUT_S instead of hanging the run."""
     import torchvision
 
     previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # an unreachable host must not hang the run
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        torchvision.datasets.CIFAR10(data_dir, train=True, download=True)
+        getattr(torchvision.datasets, name)(data_dir, train=True, download=True)
     finally:
         socket.setdefaulttimeout(previous)
+
+
+def _from_torchvision_download(data_dir):
+    torchvision_download("CIFAR10", data_dir)
     return _read_batches_dir(os.path.join(data_dir, BATCHES_DIR))
 
 

@@ -19,14 +19,13 @@ random horizontal flip, drawn the same way, per image, from (seed, epoch, image)
 
 import gzip
 import os
-import socket
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data_loader import DOWNLOAD_TIMEOUT_S, ImageBatches, load_cifar10, train_valid_split
+from data_loader import ImageBatches, load_cifar10, torchvision_download, train_valid_split
 from modules import CIFAR10_MEAN, CIFAR10_STD
 from utils import UserError
 
@@ -290,17 +289,6 @@ def _mnist_paths(raw):
     return paths
 
 
-def _download_mnist(data_dir):
-    import torchvision
-
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # an unreachable host must not hang the run
-    try:
-        torchvision.datasets.MNIST(data_dir, train=True, download=True)
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
 def load_mnist(data_dir):
     """All of MNIST as uint8 arrays: train_x, test_x (N, 28, 28), train_y, test_y (N,).
 
@@ -310,7 +298,7 @@ def load_mnist(data_dir):
     raw = os.path.join(data_dir, "MNIST", "raw")
     if _mnist_paths(raw) is None:
         try:
-            _download_mnist(data_dir)
+            torchvision_download("MNIST", data_dir)
         except Exception as e:  # any failure ends in the one line below
             reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
             raise UserError(f"MNIST is not in {os.path.abspath(raw)} and could not be "

@@ -44,9 +44,9 @@ def test_mnist_pixel_statistics_are_the_training_splits(tiny_mnist):
 
 
 def test_missing_mnist_says_where_to_put_it(tmp_path, monkeypatch):
-    def offline(data_dir):
+    def offline(name, data_dir):
         raise OSError("no network")
-    monkeypatch.setattr(datasets, "_download_mnist", offline)
+    monkeypatch.setattr(datasets, "torchvision_download", offline)
     with pytest.raises(UserError, match="MNIST/raw") as err:
         load_data(DataSpec("mnist"), str(tmp_path), 0.1, seed=1)
     assert "\n" not in str(err.value) and "train-images-idx3-ubyte" in str(err.value)
