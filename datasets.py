@@ -136,6 +136,19 @@ def _add_at(sums, side, corners, pieces):
     sums[flat.ravel()] += pieces.ravel()  # no index repeats within one call
 
 
+def _place(u, room):
+    """Top-left corners, uniform over the `room` places a piece fits in: floor(u * room)."""
+    return np.floor(u * room).astype(np.int64)
+
+
+def digit_boxes(u, side):
+    """(B, 4) int64 boxes (x0, y0, x1, y1), x1 and y1 exclusive, of the digits whose corners
+    the first two numbers of `u` (B, >= 2) place on a canvas of `side` pixels (`_uniform`
+    gives every image the same first numbers however many it draws)."""
+    x0, y0 = _place(u[:, 0], side - DIGIT + 1), _place(u[:, 1], side - DIGIT + 1)
+    return np.stack([x0, y0, x0 + DIGIT, y0 + DIGIT], 1)
+
+
 def place_digits(digits, index, pool, spec: DataSpec, key):
     """Place digits on blank canvases, with distractors where the spec has them.
 
@@ -155,21 +168,19 @@ def place_digits(digits, index, pool, spec: DataSpec, key):
     B, S = len(index), spec.canvas_size
     K = spec.distractors
     u = _uniform(*key, index, 2 + 5 * K)  # (B, 2 + 5K)
-    x0, y0 = (np.floor(u[:, i] * (S - DIGIT + 1)).astype(np.int64) for i in (0, 1))
+    boxes = digit_boxes(u, S)  # (B, 4)
     sums = np.zeros(B * S * S, np.int32)  # (B*S*S,)
-    _add_at(sums, S, (x0, y0), digits[index])
+    _add_at(sums, S, (boxes[:, 0], boxes[:, 1]), digits[index])
     steps = np.arange(CROP)
     for j in range(K):
         v = u[:, 2 + 5 * j:7 + 5 * j]  # (B, 5): source, crop x, crop y, place x, place y
-        source = (index + 1 + np.floor(v[:, 0] * (len(pool) - 1)).astype(np.int64)) % len(pool)
-        cx, cy = (np.floor(v[:, i] * (DIGIT - CROP + 1)).astype(np.int64) for i in (1, 2))
+        source = (index + 1 + _place(v[:, 0], len(pool) - 1)) % len(pool)
+        cx, cy = _place(v[:, 1], DIGIT - CROP + 1), _place(v[:, 2], DIGIT - CROP + 1)
         crops = pool[source[:, None, None], cy[:, None, None] + steps[:, None],
                      cx[:, None, None] + steps]  # (B, 8, 8)
-        px, py = (np.floor(v[:, i] * (S - CROP + 1)).astype(np.int64) for i in (3, 4))
-        _add_at(sums, S, (px, py), crops)
+        _add_at(sums, S, (_place(v[:, 3], S - CROP + 1), _place(v[:, 4], S - CROP + 1)), crops)
     np.minimum(sums, 255, out=sums)  # in place: a fresh 4-byte canvas costs more than the sums
     canvases = sums.astype(np.uint8).reshape(B, 1, S, S)  # (B, 1, S, S)
-    boxes = np.stack([x0, y0, x0 + DIGIT, y0 + DIGIT], 1)  # (B, 4)
     return canvases, boxes
 
 
@@ -201,10 +212,10 @@ class PlacedDigits(Dataset):
         return torch.from_numpy(canvases), self.labels[index], index
 
     def boxes(self, positions, draw=None):
-        """(B, 4) int64 tensor: where each image's digit lies, (x0, y0, x1, y1)."""
-        _, boxes = place_digits(self.digits, np.asarray(positions), self.pool, self.spec,
-                                (self.seed, self._draw(draw)))
-        return torch.from_numpy(boxes)
+        """(B, 4) int64 tensor: where each image's digit lies, (x0, y0, x1, y1); from the
+        placement's hash alone, without drawing the canvases."""
+        u = _uniform(self.seed, self._draw(draw), np.asarray(positions, np.int64), 2)  # (B, 2)
+        return torch.from_numpy(digit_boxes(u, self.spec.canvas_size))
 
 
 def crop_and_flip(images, u, pad=PAD):
@@ -324,39 +335,37 @@ def _statistics(images):
         tuple(round(v, 4) for v in x.std(1, unbiased=False).tolist())
 
 
-def _cifar10(spec, data_dir, valid_size, seed):
-    arrays = load_cifar10(data_dir)
-    train_idx, valid_idx = train_valid_split(len(arrays["train_x"]), valid_size)
+def _three_splits(arrays, valid_size):
+    """(images, labels) of the training, validation and test splits of `arrays` (train_x,
+    train_y, test_x, test_y), the validation share held out by train_valid_split."""
+    train_idx, valid_idx = (i.numpy() for i in train_valid_split(len(arrays["train_x"]),
+                                                                 valid_size))
     x, y = arrays["train_x"], arrays["train_y"]
-    return Data(spec.tag, ImageBatches(x[train_idx.numpy()], y[train_idx.numpy()]),
-                ImageBatches(x[valid_idx.numpy()], y[valid_idx.numpy()]),
-                ImageBatches(arrays["test_x"], arrays["test_y"]), 10, CIFAR10_MEAN, CIFAR10_STD)
+    return (x[train_idx], y[train_idx]), (x[valid_idx], y[valid_idx]), \
+        (arrays["test_x"], arrays["test_y"])
+
+
+def _cifar10(spec, data_dir, valid_size, seed):
+    train, valid, test = (ImageBatches(x, y)
+                          for x, y in _three_splits(load_cifar10(data_dir), valid_size))
+    return Data(spec.tag, train, valid, test, 10, CIFAR10_MEAN, CIFAR10_STD)
 
 
 def _mnist(spec, data_dir, valid_size, seed):
-    arrays = load_mnist(data_dir)
-    train_idx, valid_idx = train_valid_split(len(arrays["train_x"]), valid_size)
-    x, y = arrays["train_x"][..., None], arrays["train_y"]  # (N, 28, 28, 1)
-    train = ImageBatches(x[train_idx.numpy()], y[train_idx.numpy()])
-    mean, std = _statistics(train.images)
-    return Data(spec.tag, train, ImageBatches(x[valid_idx.numpy()], y[valid_idx.numpy()]),
-                ImageBatches(arrays["test_x"][..., None], arrays["test_y"]), 10, mean, std)
+    train, valid, test = (ImageBatches(x[..., None], y)  # (N, 28, 28, 1)
+                          for x, y in _three_splits(load_mnist(data_dir), valid_size))
+    return Data(spec.tag, train, valid, test, 10, *_statistics(train.images))
 
 
 def _placed(spec, data_dir, valid_size, seed):
-    arrays = load_mnist(data_dir)
-    train_idx, valid_idx = train_valid_split(len(arrays["train_x"]), valid_size)
-    x, y = arrays["train_x"], arrays["train_y"]
-    pool = x[train_idx.numpy()]  # the distractors of every split come from here
-
-    def split(digits, labels, fixed):
-        return PlacedDigits(digits, labels, pool, spec, None if fixed else seed)
-
-    train = split(pool, y[train_idx.numpy()], fixed=False)
+    (pool, train_y), valid, test = _three_splits(load_mnist(data_dir), valid_size)
+    # The distractors of every split are cut from the training digits; evaluation splits
+    # (seed None) keep their canvases fixed.
+    train = PlacedDigits(pool, train_y, pool, spec, seed)
     sample = np.arange(min(STATS_IMAGES, len(train)))
-    mean, std = _statistics(train[sample, STATS_DRAW][0])
-    return Data(spec.tag, train, split(x[valid_idx.numpy()], y[valid_idx.numpy()], True),
-                split(arrays["test_x"], arrays["test_y"], True), 10, mean, std)
+    return Data(spec.tag, train, PlacedDigits(*valid, pool, spec, None),
+                PlacedDigits(*test, pool, spec, None), 10,
+                *_statistics(train[sample, STATS_DRAW][0]))
 
 
 LOADERS = {"cifar10": _cifar10, "mnist": _mnist, "translated": _placed, "cluttered": _placed}
