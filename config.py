@@ -376,15 +376,16 @@ def model_config(args, data=None, **overrides):
         "patch_size", "glimpse_scale", "num_patches", "glimpse_hidden", "loc_hidden",
         "hidden_size", "num_glimpses", "std", "policy", "objective", "reward", "baseline",
         "probe_input", "policy_input", "core", "glimpse_encoder")}
-    for name, value in data_spec(args).model_defaults().items():
+    spec = data_spec(args)
+    for name, value in spec.model_defaults().items():
         if chosen[name] is None:
             chosen[name] = value
     chosen["decoder"] = not (args.objective == "supervised" and args.recon_weight == 0)
     if data is not None:
         chosen.update(image_facts(data))
-    elif args.dataset != "cifar10":  # the shape alone, for benchmarks on random images
-        channels, size = data_spec(args).image_shape
-        chosen.update(dataset=data_spec(args).tag, image_size=size, num_channels=channels,
+    elif spec.name != "cifar10":  # the shape alone, for benchmarks on random images
+        channels, size = spec.image_shape
+        chosen.update(dataset=spec.tag, image_size=size, num_channels=channels,
                       pixel_mean=(0.5,) * channels, pixel_std=(0.5,) * channels)
     try:
         return ModelConfig(**{**chosen, **overrides})

@@ -65,10 +65,10 @@ class StopOnSignal:
             signal.signal(signum, handler)
 
 
-def load_once(args, procs):
-    """The dataset the flags name. Under torchrun, rank 0 fetches (and caches) it while the
-    others wait, then all read it; two processes never download into the same folder."""
-    spec, cfg = data_spec(args), train_config(args)
+def load_once(spec, cfg, procs):
+    """The dataset `spec` names, from the run's data folder. Under torchrun, rank 0 fetches
+    (and caches) it while the others wait, then all read it; two processes never download
+    into the same folder."""
     if procs.distributed and procs.is_main:
         load_data(spec, cfg.data_dir, cfg.valid_size, cfg.random_seed)
     if procs.distributed:
@@ -221,7 +221,7 @@ def start(args):
     for warning in ignored_flags(train_cfg):
         if procs.is_main:
             print(f"main.py: warning: {warning}", file=sys.stderr, flush=True)
-    data = load_once(args, procs)
+    data = load_once(data_spec(args), train_cfg, procs)
     cfg = model_config(args, data)
     seed_everything(train_cfg.random_seed + procs.rank)  # one policy stream per process
     return Trainer(cfg, weights, train_cfg, device, procs), data
