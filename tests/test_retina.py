@@ -106,3 +106,31 @@ def test_sensor_on_single_channel_and_other_image_sizes(size, channels, patches)
         for i, side in enumerate(cfg.patch_sizes):
             expected = crop_and_pool(images[b], cx, cy, side, side // g)
             assert torch.allclose(phi[b, i], expected, atol=1e-5), (b, side)
+
+
+def test_every_centre_pixel_matches_a_padded_crop():
+    """All (S + 1)^2 glimpse centres, so every clamped box start of the index table is hit:
+    boxes wholly outside the image must read zeros, the others the image's pixels."""
+    cfg = ModelConfig()  # the seed's 6, 12, 24 px patches on 32 px images
+    torch.manual_seed(1)
+    images = torch.rand(1, 3, 32, 32)
+    steps = torch.arange(33, dtype=torch.float32) / 16 - 1  # pixel centres 0..32
+    l = torch.stack(torch.meshgrid(steps, steps, indexing="xy"), -1).reshape(-1, 2)
+    centres = location_to_pixels(l, 32)
+    assert len(set(map(tuple, centres.tolist()))) == 33 * 33
+    phi = glimpse(cfg, images.expand(len(l), -1, -1, -1).contiguous(), l)
+    pad = cfg.largest_patch
+    padded = F.pad(images[0], (pad, pad, pad, pad))
+    for n, (cx, cy) in enumerate(centres.tolist()):
+        for i, size in enumerate(cfg.patch_sizes):
+            top, left = pad + cy - size // 2, pad + cx - size // 2
+            crop = padded[:, top:top + size, left:left + size]
+            expected = F.avg_pool2d(crop.unsqueeze(0), size // cfg.patch_size).squeeze(0)
+            assert torch.allclose(phi[n, i], expected, atol=1e-5), (cx, cy, size)
+
+
+def test_index_table_stays_out_of_the_checkpoint():
+    """The sensor's lookup table is rebuilt from the configuration, never saved or broadcast."""
+    retina = Retina(ModelConfig())
+    assert dict(retina.named_buffers()).keys() == {"inv_area"}
+    assert retina.state_dict() == {}
