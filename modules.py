@@ -107,7 +107,7 @@ OBJECTIVES = ("unsupervised", "supervised")
 REWARDS = ("sum", "gain")  # how the unsupervised objective pays a glimpse: see compute_losses
 BASELINES = ("shared", "per_step")
 PROBE_INPUTS = ("summed", "last")
-POLICY_INPUTS = ("state", "state_step", "grid_prior")
+POLICY_INPUTS = ("state", "state_step", "grid_prior", "grid_local")
 GLIMPSE_ENCODERS = ("linear", "conv")  # the first layer of the "what" pathway
 CONV_CHANNELS = 32  # feature maps of each convolution of the conv glimpse encoder
 
@@ -391,7 +391,12 @@ class LocationNetwork(nn.Module):
     With `policy_input=grid_prior` the mean is tanh(p_t + W_2 relu(W_1 h_t)): a learned offset
     p_t per glimpse, initialised at the grid policy's raster (atanh of its locations) and W_2
     at zero, so the policy starts as the fixed scan that covers the image and learns per-image
-    moves from it.
+    moves from it. Nothing keeps it there: REINFORCE may move p_t anywhere.
+    With `policy_input=grid_local` the raster is fixed and the policy only moves each glimpse
+    inside its own cell: mu = c_t + tanh(W_2 relu(W_1 h_t + e_t)) / n, with c_t the t-th of the
+    n x n cell centres (GridPolicy's) and e_t the step's vector, so no glimpse can leave its
+    cell and the scan keeps covering the image whatever the policy learns. W_2 starts at zero:
+    the policy starts as the grid scan.
 
     The state is detached, so the policy learns only through the REINFORCE term and never
     pushes gradient into the core. The sample is detached: it is an action, not a function
@@ -414,12 +419,17 @@ class LocationNetwork(nn.Module):
         width = max(1, cfg.hidden_size // 2)
         self.fc = nn.Linear(cfg.hidden_size, width)
         self.fc_mu = nn.Linear(width, 2)
-        self.step = (nn.Embedding(cfg.num_glimpses, width) if cfg.policy_input == "state_step"
-                     else None)
+        self.step = (nn.Embedding(cfg.num_glimpses, width)
+                     if cfg.policy_input in ("state_step", "grid_local") else None)
+        cells = grid_locations(cfg.num_glimpses) if cfg.policy_input == "grid_local" else None
+        self.register_buffer("cells", cells, persistent=False)  # (T, 2) or None
+        if cells is not None:
+            self.half_cell = 1.0 / math.ceil(math.sqrt(cfg.num_glimpses))
         self.prior = None
         if cfg.policy_input == "grid_prior":
             grid = grid_locations(cfg.num_glimpses).clamp(-0.999, 0.999)  # (T, 2)
             self.prior = nn.Parameter(torch.atanh(grid))
+        if cfg.policy_input in ("grid_prior", "grid_local"):
             # Start exactly on the scan; REINFORCE's gradient still reaches fc_mu at once.
             nn.init.zeros_(self.fc_mu.weight)
             nn.init.zeros_(self.fc_mu.bias)
@@ -429,7 +439,10 @@ class LocationNetwork(nn.Module):
         if self.step is not None:
             hidden = hidden + self.step.weight[t]
         pre = self.fc_mu(F.relu(hidden))  # (B, 2)
-        mu = torch.tanh(pre if self.prior is None else pre + self.prior[t])  # (B, 2)
+        if self.cells is not None:
+            mu = self.cells[t].to(pre.dtype) + torch.tanh(pre) * self.half_cell  # (B, 2)
+        else:
+            mu = torch.tanh(pre if self.prior is None else pre + self.prior[t])  # (B, 2)
         noise = torch.randn_like(mu) if noise is None else noise.to(mu.dtype)
         sample = (mu + self.std * noise).detach()  # (B, 2)
         # log N(sample; mu, std^2) per axis, summed; written out rather than through

@@ -367,3 +367,21 @@ def test_a_checkpoint_from_before_the_new_model_options_loads_with_their_old_beh
     summed = Trainer(ModelConfig(**SMALL), LossWeights(), train_cfg, cpu)
     with pytest.raises(UserError, match="probe_input: checkpoint 'last', flags 'summed'"):
         summed.load(path)
+
+
+def test_a_grid_local_policy_starts_on_the_grid_and_never_leaves_its_cells():
+    cfg = ModelConfig(**{**SMALL, "num_glimpses": 9}, policy_input="grid_local", std=1e-4)
+    model = RecurrentAttention(cfg)
+    grid = RecurrentAttention(dataclasses.replace(cfg, policy="grid"))
+    expected = grid(torch.rand(B, 3, 32, 32)).locations  # (T, B, 2)
+    out = model(torch.rand(B, 3, 32, 32))
+    assert torch.allclose(out.loc_means, expected, atol=1e-6)
+    losses = compute_losses(out, torch.arange(B) % 10, cfg, LossWeights())
+    losses["reinforce"].backward()
+    assert (model.locator.fc_mu.weight.grad != 0).any()  # it can learn to move per image
+    # With large weights the means saturate, but each stays inside its third of the image.
+    with torch.no_grad():
+        model.locator.fc_mu.weight.normal_(0, 100)
+    out = model(torch.rand(B, 3, 32, 32))
+    offset = (out.loc_means - expected).abs()
+    assert offset.max() <= 1 / 3 + 1e-6 and offset.max() > 0.3
