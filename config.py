@@ -135,8 +135,8 @@ def _core_flags(p):
                       help="what the learned policy reads: the state h; the state and the index "
                       "of the glimpse it places (state_step); the state, around a learned "
                       "per-glimpse offset that starts at the grid scan (grid_prior); or the "
-                      "state and the index, moving each glimpse only inside its cell of the "
-                      "fixed grid scan (grid_local)")
+                      "state and the index, moving the mean of each glimpse only inside its "
+                      "cell of the fixed grid scan (grid_local)")
     core.add_argument("--baseline", choices=BASELINES, default="shared",
                       help="REINFORCE's value estimate: one linear head for every step (shared) "
                       "or one head per step (per_step)")

@@ -169,8 +169,9 @@ class Retina(nn.Module):
         # Every level is padded by the largest box's side f = s^(k-1), not by half the largest
         # patch: a box that starts more than f px before the image, or at its far edge or
         # beyond, holds only zeros, and `forward` clamps its start onto the first or the last
-        # of those all-zero boxes. The levels are half the size they would be with the full
-        # padding, and so is the memory `prepare` writes and `forward` gathers from.
+        # of those all-zero boxes. For the seed's sensor the levels hold less than half the
+        # values they would with the full padding (40^2 + 39^2 + 37^2 against 56^2 + 55^2 +
+        # 53^2 per channel), and so does the memory `prepare` writes and `forward` reads.
         self.pad = s ** (k - 1)
         # Side of each scale's filtered image: an f-box at stride 1 loses f - 1 pixels, and
         # scale i + 1's box is s boxes of scale i, f_i pixels apart.
@@ -193,9 +194,9 @@ class Retina(nn.Module):
         # (one row lookup is faster than the broadcast integer ops): row cy * (S + 1) + cx holds
         # the (k, C, g, g) positions in `prepare`'s output, channels included, so that the
         # gathered patches come out in the order the glimpse network reads them. 2.8 MB for
-        # CIFAR-10's sensor, 47 MB for the 4-scale sensor on 100 x 100 canvases. Kept out of the
-        # module's buffers, which DistributedDataParallel would broadcast at every step;
-        # `forward` moves it to the images' device on first use.
+        # CIFAR-10's sensor, 47 MB for the 4-scale sensor on 100 x 100 canvases (C times that
+        # with C channels). Kept out of the module's buffers, which DistributedDataParallel
+        # would broadcast at every step; `_apply` moves it with the module.
         channel = torch.arange(cfg.num_channels).view(-1, 1, 1) * self.length  # (C, 1, 1)
         table = (offset + start[:, None, :, :, None] * side
                  + start[None, :, :, None, :])  # (S + 1, S + 1, k, g, g): (cy, cx, ...)
@@ -204,6 +205,13 @@ class Retina(nn.Module):
         area = torch.tensor([float(s ** (2 * i)) for i in range(k)])
         self.register_buffer("inv_area", (1.0 / area).view(1, -1, 1, 1, 1),
                              persistent=False)  # (1, k, 1, 1, 1): box sum -> mean
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .half() and the like reach every tensor through here; the table is
+        # not a buffer, so it is moved by hand (dtype casts leave integer tensors alone).
+        module = super()._apply(fn, *args, **kwargs)
+        self.index_table = fn(self.index_table)
+        return module
 
     def prepare(self, x):
         """Box-filter the zero-padded image at every scale.
@@ -252,8 +260,6 @@ class Retina(nn.Module):
         N, k, g = l.shape[0], cfg.num_patches, cfg.patch_size
         centre = location_to_pixels(l, cfg.image_size)  # (N, (x, y))
         cell = centre[:, 1] * (cfg.image_size + 1) + centre[:, 0]  # (N,)
-        if self.index_table.device != cell.device:
-            self.index_table = self.index_table.to(cell.device)
         index = self.index_table.index_select(0, cell)  # (N, k*C*g*g)
         # The paths read the same prepared images: a stride-0 view, never a copy per path.
         source = prepared.view(1, B, C * L).expand(N // B, B, C * L)  # (P, B, C*L)
@@ -394,9 +400,11 @@ class LocationNetwork(nn.Module):
     moves from it. Nothing keeps it there: REINFORCE may move p_t anywhere.
     With `policy_input=grid_local` the raster is fixed and the policy only moves each glimpse
     inside its own cell: mu = c_t + tanh(W_2 relu(W_1 h_t + e_t)) / n, with c_t the t-th of the
-    n x n cell centres (GridPolicy's) and e_t the step's vector, so no glimpse can leave its
-    cell and the scan keeps covering the image whatever the policy learns. W_2 starts at zero:
-    the policy starts as the grid scan.
+    n x n cell centres (GridPolicy's) and e_t the step's vector, so no glimpse's mean can leave
+    its cell (the exploration noise still can). When T is a square (9 glimpses: a 3 x 3 raster)
+    the cells tile the image, which the scan keeps covering whatever the policy learns; for
+    other T the first T cells of the n x n raster are used, and the others are never aimed at.
+    W_2 starts at zero: the policy starts as the grid scan.
 
     The state is detached, so the policy learns only through the REINFORCE term and never
     pushes gradient into the core. The sample is detached: it is an action, not a function
@@ -423,8 +431,8 @@ class LocationNetwork(nn.Module):
                      if cfg.policy_input in ("state_step", "grid_local") else None)
         cells = grid_locations(cfg.num_glimpses) if cfg.policy_input == "grid_local" else None
         self.register_buffer("cells", cells, persistent=False)  # (T, 2) or None
-        if cells is not None:
-            self.half_cell = 1.0 / math.ceil(math.sqrt(cfg.num_glimpses))
+        # A cell is 2 / n wide in location units, n = ceil(sqrt(T)) cells a side.
+        self.half_cell = 1.0 / math.ceil(math.sqrt(cfg.num_glimpses))
         self.prior = None
         if cfg.policy_input == "grid_prior":
             grid = grid_locations(cfg.num_glimpses).clamp(-0.999, 0.999)  # (T, 2)

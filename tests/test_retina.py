@@ -108,16 +108,23 @@ def test_sensor_on_single_channel_and_other_image_sizes(size, channels, patches)
             assert torch.allclose(phi[b, i], expected, atol=1e-5), (b, side)
 
 
-def test_every_centre_pixel_matches_a_padded_crop():
+@pytest.mark.parametrize("size, channels, g, s, k", [
+    (32, 3, 6, 2, 3),  # the seed's 6, 12, 24 px patches
+    (28, 1, 8, 2, 1),  # MNIST's single 8 px patch (1 px of padding)
+    (21, 2, 5, 3, 2),  # odd sizes, scale 3
+])
+def test_every_centre_pixel_matches_a_padded_crop(size, channels, g, s, k):
     """All (S + 1)^2 glimpse centres, so every clamped box start of the index table is hit:
     boxes wholly outside the image must read zeros, the others the image's pixels."""
-    cfg = ModelConfig()  # the seed's 6, 12, 24 px patches on 32 px images
+    cfg = ModelConfig(image_size=size, num_channels=channels, patch_size=g, glimpse_scale=s,
+                      num_patches=k, pixel_mean=(0.0,) * channels, pixel_std=(1.0,) * channels)
     torch.manual_seed(1)
-    images = torch.rand(1, 3, 32, 32)
-    steps = torch.arange(33, dtype=torch.float32) / 16 - 1  # pixel centres 0..32
+    images = torch.rand(1, channels, size, size)
+    # The middle of each pixel's range of locations, and l = 1 for the far edge: centres 0..size.
+    steps = ((torch.arange(size + 1) + 0.5) / (size / 2) - 1).clamp(max=1.0)
     l = torch.stack(torch.meshgrid(steps, steps, indexing="xy"), -1).reshape(-1, 2)
-    centres = location_to_pixels(l, 32)
-    assert len(set(map(tuple, centres.tolist()))) == 33 * 33
+    centres = location_to_pixels(l, size)
+    assert len(set(map(tuple, centres.tolist()))) == (size + 1) ** 2
     phi = glimpse(cfg, images.expand(len(l), -1, -1, -1).contiguous(), l)
     pad = cfg.largest_patch
     padded = F.pad(images[0], (pad, pad, pad, pad))
@@ -129,8 +136,14 @@ def test_every_centre_pixel_matches_a_padded_crop():
             assert torch.allclose(phi[n, i], expected, atol=1e-5), (cx, cy, size)
 
 
-def test_index_table_stays_out_of_the_checkpoint():
-    """The sensor's lookup table is rebuilt from the configuration, never saved or broadcast."""
+def test_index_table_stays_out_of_the_checkpoint_but_moves_with_the_module():
+    """The sensor's lookup table is rebuilt from the configuration, never saved or broadcast,
+    and follows the module's .to() like a buffer (casts leave its integers alone)."""
     retina = Retina(ModelConfig())
     assert dict(retina.named_buffers()).keys() == {"inv_area"}
     assert retina.state_dict() == {}
+    table = retina.index_table
+    retina.to(torch.float64)
+    assert retina.index_table.dtype == torch.int64 and torch.equal(retina.index_table, table)
+    retina.to("meta")
+    assert retina.index_table.device.type == "meta"
