@@ -165,7 +165,7 @@ class Retina(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        s, g, k = cfg.glimpse_scale, cfg.patch_size, cfg.num_patches
+        s, k = cfg.glimpse_scale, cfg.num_patches
         # Every level is padded by the largest box's side f = s^(k-1), not by half the largest
         # patch: a box that starts more than f px before the image, or at its far edge or
         # beyond, holds only zeros, and `forward` clamps its start onto the first or the last
@@ -180,31 +180,36 @@ class Retina(nn.Module):
             self.sides.append(self.sides[-1] - (s - 1) * s ** (i - 1))
         self.offsets = [sum(side**2 for side in self.sides[:i]) for i in range(k)]
         self.length = self.offsets[-1] + self.sides[-1] ** 2  # of one channel's k levels
+        # The gather index of every glimpse centre, looked up rather than computed per glimpse
+        # (one row lookup is faster than the broadcast integer ops). 2.8 MB for CIFAR-10's
+        # sensor, 47 MB for the 4-scale sensor on 100 x 100 canvases (C times that with C
+        # channels). Kept out of the module's buffers, which DistributedDataParallel would
+        # broadcast at every step; `_apply` moves it with the module.
+        self.index_table = self._index_table()  # ((S + 1)^2, k*C*g*g)
+        area = torch.tensor([float(s ** (2 * i)) for i in range(k)])
+        self.register_buffer("inv_area", (1.0 / area).view(1, -1, 1, 1, 1),
+                             persistent=False)  # (1, k, 1, 1, 1): box sum -> mean
+
+    def _index_table(self):
+        """Row cy * (S + 1) + cx: the (k, C, g, g) positions in `prepare`'s output of the glimpse
+        centred on pixel (cx, cy), channels included, so that the gathered patches come out in
+        the order the glimpse network reads them."""
+        cfg, s, g = self.cfg, self.cfg.glimpse_scale, self.cfg.patch_size
         # Where the box of pooled cell a of patch i starts along either axis, in padded
-        # coordinates, for a glimpse centred on pixel c of that axis: (c + 1 centres, k, g).
-        # Clamping to [0, image_size + pad] leaves every box that touches the image where it is
-        # and moves the others onto an all-zero box.
+        # coordinates, for a glimpse centred on pixel c of that axis: (S + 1 centres, k, g).
+        # Clamping to [0, S + pad] leaves every box that touches the image where it is and
+        # moves the others onto an all-zero box.
         centres = torch.arange(cfg.image_size + 1).view(-1, 1, 1)
         start = torch.stack([self.pad - size // 2 + torch.arange(g) * s**i
                              for i, size in enumerate(cfg.patch_sizes)])  # (k, g)
         start = (centres + start).clamp(0, cfg.image_size + self.pad)
         offset = torch.tensor(self.offsets).view(-1, 1, 1)  # (k, 1, 1) where each level begins
         side = torch.tensor(self.sides).view(-1, 1, 1)  # (k, 1, 1)
-        # The gather index of every glimpse centre, looked up rather than computed per glimpse
-        # (one row lookup is faster than the broadcast integer ops): row cy * (S + 1) + cx holds
-        # the (k, C, g, g) positions in `prepare`'s output, channels included, so that the
-        # gathered patches come out in the order the glimpse network reads them. 2.8 MB for
-        # CIFAR-10's sensor, 47 MB for the 4-scale sensor on 100 x 100 canvases (C times that
-        # with C channels). Kept out of the module's buffers, which DistributedDataParallel
-        # would broadcast at every step; `_apply` moves it with the module.
         channel = torch.arange(cfg.num_channels).view(-1, 1, 1) * self.length  # (C, 1, 1)
         table = (offset + start[:, None, :, :, None] * side
                  + start[None, :, :, None, :])  # (S + 1, S + 1, k, g, g): (cy, cx, ...)
         table = table.unsqueeze(3) + channel  # (S + 1, S + 1, k, C, g, g)
-        self.index_table = table.flatten(2).flatten(0, 1)  # ((S + 1)^2, k*C*g*g)
-        area = torch.tensor([float(s ** (2 * i)) for i in range(k)])
-        self.register_buffer("inv_area", (1.0 / area).view(1, -1, 1, 1, 1),
-                             persistent=False)  # (1, k, 1, 1, 1): box sum -> mean
+        return table.flatten(2).flatten(0, 1)  # ((S + 1)^2, k*C*g*g)
 
     def _apply(self, fn, *args, **kwargs):
         # .to(), .cuda(), .half() and the like reach every tensor through here; the table is
