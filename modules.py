@@ -436,8 +436,8 @@ class LocationNetwork(nn.Module):
                      if cfg.policy_input in ("state_step", "grid_local") else None)
         cells = grid_locations(cfg.num_glimpses) if cfg.policy_input == "grid_local" else None
         self.register_buffer("cells", cells, persistent=False)  # (T, 2) or None
-        # A cell is 2 / n wide in location units, n = ceil(sqrt(T)) cells a side.
-        self.half_cell = 1.0 / math.ceil(math.sqrt(cfg.num_glimpses))
+        # A cell is 2 / n wide in location units, n cells a side.
+        self.half_cell = 1.0 / grid_side(cfg.num_glimpses)
         self.prior = None
         if cfg.policy_input == "grid_prior":
             grid = grid_locations(cfg.num_glimpses).clamp(-0.999, 0.999)  # (T, 2)
@@ -503,10 +503,15 @@ class CentrePolicy(FixedPolicy):
         return h.new_zeros(h.shape[0], 2)
 
 
+def grid_side(num_glimpses):
+    """Cells per side of the grid scan's raster: n = ceil(sqrt(T))."""
+    return math.ceil(math.sqrt(num_glimpses))
+
+
 def grid_locations(num_glimpses):
     """A raster of n x n cell centres, n = ceil(sqrt(T)), row by row from the top left, the
     first T of them: (T, 2) locations (x, y) in [-1, 1]."""
-    n = math.ceil(math.sqrt(num_glimpses))
+    n = grid_side(num_glimpses)
     centres = (2 * torch.arange(n, dtype=torch.float32) + 1) / n - 1  # (n,)
     ys, xs = torch.meshgrid(centres, centres, indexing="ij")  # (n, n) each
     return torch.stack([xs.flatten(), ys.flatten()], -1)[:num_glimpses]  # (T, 2)
