@@ -129,11 +129,11 @@ def test_every_centre_pixel_matches_a_padded_crop(size, channels, g, s, k):
     pad = cfg.largest_patch
     padded = F.pad(images[0], (pad, pad, pad, pad))
     for n, (cx, cy) in enumerate(centres.tolist()):
-        for i, size in enumerate(cfg.patch_sizes):
-            top, left = pad + cy - size // 2, pad + cx - size // 2
-            crop = padded[:, top:top + size, left:left + size]
-            expected = F.avg_pool2d(crop.unsqueeze(0), size // cfg.patch_size).squeeze(0)
-            assert torch.allclose(phi[n, i], expected, atol=1e-5), (cx, cy, size)
+        for i, side in enumerate(cfg.patch_sizes):
+            top, left = pad + cy - side // 2, pad + cx - side // 2
+            crop = padded[:, top:top + side, left:left + side]
+            expected = F.avg_pool2d(crop.unsqueeze(0), side // cfg.patch_size).squeeze(0)
+            assert torch.allclose(phi[n, i], expected, atol=1e-5), (cx, cy, side)
 
 
 def test_index_table_stays_out_of_the_checkpoint_but_moves_with_the_module():
