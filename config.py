@@ -246,8 +246,10 @@ def _output_flags(p):
     out.add_argument("--best", type=_bool, default=True,
                      help="with --is_train=false and no --model_epoch: test the best (true) or "
                      "the latest (false) checkpoint")
-    out.add_argument("--model_epoch", type=positive_int, default=None,
-                     help="with --is_train=false: test the checkpoint of this epoch")
+    out.add_argument("--model_epoch", type=_int_at_least(0), default=None,
+                     help="with --is_train=false: test the checkpoint of this epoch; 0 tests the "
+                     "untrained network, the initialisation --random_seed draws (no checkpoint "
+                     "needed: the control for what training bought)")
     out.add_argument("--logs_dir", default="./logs", help="TensorBoard runs go here")
     out.add_argument("--use_tensorboard", type=_bool, default=False,
                      help="write TensorBoard scalars to <logs_dir>/<model name>/")

@@ -152,8 +152,11 @@ def train(trainer, data, stop):
 
 def test(trainer, data):
     cfg = trainer.train_cfg
-    path = trainer.checkpoint_path(cfg.model_epoch, cfg.best)
-    trainer.load(path)
+    if cfg.model_epoch == 0:  # the seeded initialisation start() built
+        path = "untrained, no checkpoint"
+    else:
+        path = trainer.checkpoint_path(cfg.model_epoch, cfg.best)
+        trainer.load(path)
     loader = make_loader(data.test, batching(trainer), shuffle=False)
     m = trainer.test(loader)
     recon = f"reconstruction mse {m['mse']:.5f} psnr {m['psnr']:.2f} dB" if trainer.cfg.decoder \

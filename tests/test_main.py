@@ -57,6 +57,22 @@ def test_train_one_epoch_then_test_that_epoch(tiny_cifar, tmp_path):
     assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
 
 
+def test_model_epoch_0_tests_the_seeded_untrained_network(tiny_cifar, tmp_path):
+    data_dir, _ = tiny_cifar
+    common = ["--is_train=False", "--model_epoch=0", f"--data_dir={data_dir}",
+              *outputs(tmp_path), *FAST]
+    runs = [run_main(*common, f"--random_seed={seed}") for seed in (1, 1, 2)]
+    for done in runs:
+        assert done.returncode == 0, done.stderr
+        assert "epoch 0 (untrained, no checkpoint)" in done.stdout
+        assert "linear evaluation of the frozen code" in done.stdout
+    assert not (tmp_path / "ckpt").exists()  # nothing to read, nothing written
+    figures = [next(line for line in done.stdout.splitlines() if line.startswith("test "))
+               .split("M=2:")[1] for done in runs]
+    assert figures[0] == figures[1]  # the initialisation the seed draws, the same every time
+    assert figures[0] != figures[2]
+
+
 def test_supervised_objective_and_fixed_policies_train(tiny_cifar, tmp_path):
     data_dir, _ = tiny_cifar
     for extra, name in ((["--objective=supervised"], "ram_3_6x6_2_supervised"),
