@@ -160,7 +160,8 @@ def _loss_flags(p):
     loss.add_argument("--reward", choices=REWARDS, default="sum",
                       help="unsupervised reward of a location: sum: minus the errors after its "
                       "glimpse and every later one; gain: how much its own glimpse lowered the "
-                      "error")
+                      "error; final: minus the error after the last glimpse, the figure PSNR "
+                      "reports")
     loss.add_argument("--probe_input", choices=PROBE_INPUTS, default="summed",
                       help="what the classifier reads: summed: s_T = h_1 + ... + h_T, the code "
                       "the decoder reads; last: h_T")

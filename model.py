@@ -205,7 +205,9 @@ def compute_losses(out: Rollout, y, cfg: ModelConfig, weights: LossWeights):
         Returns under `unsupervised`, with e_t the error after glimpse t (e_0 before any):
         `reward=sum` pays each glimpse -e_t and G_t sums the rewards from step t on;
         `reward=gain` pays each location what its glimpse added, G_t = e_{t-1} - e_t, and
-        nothing for later steps (their gains are paid to their own locations). Under
+        nothing for later steps (their gains are paid to their own locations);
+        `reward=final` pays every location -e_T, the error of the last step alone (the figure
+        the test's PSNR reports; `sum` also pays for the early steps' errors). Under
         `supervised` the reward is 1 for a correct final classification, so G_t is 1 or 0.
     baseline: MSE between b_t and G_t.
     """
@@ -218,6 +220,8 @@ def compute_losses(out: Rollout, y, cfg: ModelConfig, weights: LossWeights):
         errors = out.errors.detach()  # (T, B); the rewards need no gradient
         before = torch.cat([out.blank_errors.unsqueeze(0), errors[:-1]])  # (T, B): e_{t-1}
         returns = before - errors  # (T, B)
+    elif cfg.reward == "final":
+        returns = (-out.errors[-1].detach()).expand_as(out.baselines)  # (T, B)
     else:
         returns = (-out.errors.detach()).flip(0).cumsum(0).flip(0)  # (T, B) reward-to-go
     advantage = returns - out.baselines.detach()  # (T, B)

@@ -104,7 +104,7 @@ class ModelConfig:
 
 
 OBJECTIVES = ("unsupervised", "supervised")
-REWARDS = ("sum", "gain")  # how the unsupervised objective pays a glimpse: see compute_losses
+REWARDS = ("sum", "gain", "final")  # how the unsupervised objective pays a glimpse (compute_losses)
 BASELINES = ("shared", "per_step")
 PROBE_INPUTS = ("summed", "last")
 POLICY_INPUTS = ("state", "state_step", "grid_prior", "grid_local")

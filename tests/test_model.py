@@ -286,6 +286,16 @@ def test_gain_reward_pays_each_location_for_its_own_glimpse_only():
     assert summed[0, 0] < 0 < summed[0, 1]  # the sum credits glimpse 1 with glimpse 2's gain
 
 
+def test_final_reward_pays_every_location_for_the_last_error_only():
+    # Image 0 ends worse (0.3 against 0.2) although its first glimpse did better.
+    errors, blank = [[0.1, 0.6], [0.3, 0.2]], [1.0, 1.0]
+    final = reinforce_grad(errors, blank, "final")
+    assert (final[:, 0] > 0).all() and (final[:, 1] < 0).all()  # image 1's path is favoured
+    assert torch.allclose(final[0], final[1])  # every step, the same return
+    summed = reinforce_grad(errors, blank, "sum")
+    assert summed[0, 0] < 0 < summed[0, 1]  # the sum favours image 0's early gain
+
+
 def test_per_step_baseline_has_a_head_per_glimpse():
     cfg = ModelConfig(**SMALL, baseline="per_step")
     baseline = RecurrentAttention(cfg).baseline
