@@ -112,22 +112,17 @@ def _glimpse_flags(p):
                          "(filters shared across the patch, for several times the arithmetic)")
 
 
-def _core_flags(p):
-    core = p.add_argument_group("core and policy")
-    core.add_argument("--num_glimpses", type=positive_int, default=None,
-                      help="glimpses per image (recurrent steps; default: the dataset's, see "
-                      "--dataset)")
-    core.add_argument("--hidden_size", type=positive_int, default=256,
-                      help="width of the core RNN's state h_t")
-    core.add_argument("--core", choices=tuple(CORES), default="rnn",
-                      help="the recurrence that integrates the glimpses: rnn, h_t = relu(W_g g_t "
-                      "+ W_h h_{t-1}) (the seed's); lstm or gru, gated cells that can keep what "
-                      "early glimpses saw (the LSTM's memory cell stays inside the rollout; "
-                      "h_t is what the policy, decoder and probe read)")
+def _policy_flags(core):
+    """The policy's flags, in the "core and policy" group `core`."""
     core.add_argument("--std", type=positive_float, default=None,
                       help="standard deviation of the Gaussian location policy (locations are "
                       "in [-1, 1]; default: the dataset's, 0.05 on cifar10, 0.15 on mnist, 0.25 "
                       "on translated and cluttered canvases)")
+    core.add_argument("--std_final", type=positive_float, default=None,
+                      help="anneal the learned policy's --std to this at the last of --epochs, "
+                      "by the same factor every epoch, so that the model ends trained on the "
+                      "paths it aims at; evaluation samples with the checkpoint's epoch's value "
+                      "(default: --std throughout)")
     core.add_argument("--policy", choices=tuple(POLICIES), default="learned",
                       help="where glimpses go: learned (REINFORCE); the ablations random "
                       "(uniform), centre, or grid (a fixed raster scan that covers the image)")
@@ -140,6 +135,21 @@ def _core_flags(p):
     core.add_argument("--baseline", choices=BASELINES, default="shared",
                       help="REINFORCE's value estimate: one linear head for every step (shared) "
                       "or one head per step (per_step)")
+
+
+def _core_flags(p):
+    core = p.add_argument_group("core and policy")
+    core.add_argument("--num_glimpses", type=positive_int, default=None,
+                      help="glimpses per image (recurrent steps; default: the dataset's, see "
+                      "--dataset)")
+    core.add_argument("--hidden_size", type=positive_int, default=256,
+                      help="width of the core RNN's state h_t")
+    core.add_argument("--core", choices=tuple(CORES), default="rnn",
+                      help="the recurrence that integrates the glimpses: rnn, h_t = relu(W_g g_t "
+                      "+ W_h h_{t-1}) (the seed's); lstm or gru, gated cells that can keep what "
+                      "early glimpses saw (the LSTM's memory cell stays inside the rollout; "
+                      "h_t is what the policy, decoder and probe read)")
+    _policy_flags(core)
     core.add_argument("--M", type=positive_int, default=10,
                       help="Monte Carlo samples of the glimpse path averaged at validation and "
                       "test")
@@ -379,8 +389,8 @@ def model_config(args, data=None, **overrides):
     built with is a UserError."""
     chosen = {name: getattr(args, name) for name in (
         "patch_size", "glimpse_scale", "num_patches", "glimpse_hidden", "loc_hidden",
-        "hidden_size", "num_glimpses", "std", "policy", "objective", "reward", "baseline",
-        "probe_input", "policy_input", "core", "glimpse_encoder")}
+        "hidden_size", "num_glimpses", "std", "std_final", "policy", "objective", "reward",
+        "baseline", "probe_input", "policy_input", "core", "glimpse_encoder")}
     spec = data_spec(args)
     for name, value in spec.model_defaults().items():
         if chosen[name] is None:
@@ -416,7 +426,7 @@ def model_name(cfg: ModelConfig):
     """ram_[<dataset>_]<glimpses>_<g>x<g>_<scale> (the dataset's tag where it is not cifar10),
     then _k<patches>, _<objective>, _nodecoder (pure RAM), _<policy> and the reward,
     baseline, probe, policy-input, core and glimpse-encoder options, each where it is not the
-    default."""
+    default, and _stdfinal<value> where --std_final anneals the policy."""
     prefix = "ram" if cfg.dataset == ModelConfig.dataset else f"ram_{cfg.dataset}"
     name = f"{prefix}_{cfg.num_glimpses}_{cfg.patch_size}x{cfg.patch_size}_{cfg.glimpse_scale}"
     if cfg.num_patches != ModelConfig.num_patches:
@@ -432,4 +442,6 @@ def model_name(cfg: ModelConfig):
                    "glimpse_encoder"):
         if getattr(cfg, option) != getattr(ModelConfig, option):
             name += f"_{getattr(cfg, option)}"
+    if cfg.std_final is not None:
+        name += f"_stdfinal{cfg.std_final:g}"
     return name

@@ -39,6 +39,7 @@ class ModelConfig:
     hidden_size: int = 256
     num_glimpses: int = 9
     std: float = 0.05
+    std_final: float | None = None  # None: --std throughout; else annealed to it (policy_std)
     policy: str = "learned"
     objective: str = "unsupervised"
     reward: str = "sum"
@@ -59,6 +60,8 @@ class ModelConfig:
                 raise ValueError(f"--{name} must be a whole number of at least 1, got {value!r}")
         if not self.std > 0:
             raise ValueError(f"--std must be greater than 0, got {self.std}")
+        if self.std_final is not None and not self.std_final > 0:
+            raise ValueError(f"--std_final must be greater than 0, got {self.std_final}")
         if self.policy not in POLICIES:
             raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if not len(self.pixel_mean) == len(self.pixel_std) == self.num_channels:
@@ -72,6 +75,9 @@ class ModelConfig:
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name} must be one of {', '.join(choices)}, "
                                  f"got {getattr(self, name)!r}")
+        if self.std_final is not None and self.policy != "learned":
+            raise ValueError(f"--std_final anneals the learned policy's --std; --policy="
+                             f"{self.policy} has none: leave --std_final out")
         if not self.decoder and self.objective == "unsupervised":
             raise ValueError("the unsupervised objective needs the decoder: its reward is the "
                              "reconstruction error")
@@ -110,6 +116,16 @@ PROBE_INPUTS = ("summed", "last")
 POLICY_INPUTS = ("state", "state_step", "grid_prior", "grid_local")
 GLIMPSE_ENCODERS = ("linear", "conv")  # the first layer of the "what" pathway
 CONV_CHANNELS = 32  # feature maps of each convolution of the conv glimpse encoder
+
+
+def policy_std(cfg: ModelConfig, epoch, epochs):
+    """The learned policy's standard deviation while training epoch `epoch` + 1 of `epochs`:
+    --std throughout, or with --std_final from --std at the first epoch to --std_final at the
+    last, geometrically (the same factor every epoch), and --std_final after it."""
+    if cfg.std_final is None:
+        return cfg.std
+    done = min(epoch / max(epochs - 1, 1), 1.0)
+    return cfg.std * (cfg.std_final / cfg.std) ** done
 
 
 def location_to_pixels(l, image_size):
@@ -411,6 +427,10 @@ class LocationNetwork(nn.Module):
     other T the first T cells of the n x n raster are used, and the others are never aimed at.
     W_2 starts at zero: the policy starts as the grid scan.
 
+    With --std_final the standard deviation is a buffer, not a constant: the trainer sets it
+    every epoch (policy_std), and a checkpoint carries the one its last epoch trained with,
+    which is then what evaluation samples with.
+
     The state is detached, so the policy learns only through the REINFORCE term and never
     pushes gradient into the core. The sample is detached: it is an action, not a function
     of the weights. The log-probability is that of the raw sample; the clamp is treated as part
@@ -428,7 +448,10 @@ class LocationNetwork(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.std = cfg.std
+        if cfg.std_final is None:
+            self.std = cfg.std
+        else:  # annealed: in the state_dict, so that a checkpoint keeps the epoch's value
+            self.register_buffer("std", torch.tensor(float(cfg.std)))
         width = max(1, cfg.hidden_size // 2)
         self.fc = nn.Linear(cfg.hidden_size, width)
         self.fc_mu = nn.Linear(width, 2)
@@ -461,8 +484,9 @@ class LocationNetwork(nn.Module):
         # log N(sample; mu, std^2) per axis, summed; written out rather than through
         # torch.distributions, whose argument checks would raise on NaN instead of letting
         # the trainer's finite-loss guard report where it happened.
+        log_std = self.std.log() if torch.is_tensor(self.std) else math.log(self.std)
         log_pi = (-0.5 * ((sample - mu) / self.std) ** 2
-                  - math.log(self.std) - 0.5 * math.log(2 * math.pi)).sum(-1)  # (B,)
+                  - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)  # (B,)
         return sample.clamp(-1.0, 1.0), log_pi, mu.detach()
 
 

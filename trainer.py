@@ -32,7 +32,7 @@ from model import (
     glimpse_hits,
     psnr,
 )
-from modules import ModelConfig
+from modules import ModelConfig, policy_std
 from utils import (
     SINGLE_PROCESS,
     UserError,
@@ -51,7 +51,7 @@ from utils import (
 # What a checkpoint written before a ModelConfig field existed did instead (the probe read h_T).
 OLDER_MODEL_CONFIG = {"reward": "sum", "baseline": "shared", "probe_input": "last",
                       "policy_input": "state", "dataset": "cifar10", "decoder": True,
-                      "core": "rnn", "glimpse_encoder": "linear"}
+                      "core": "rnn", "glimpse_encoder": "linear", "std_final": None}
 # What a run written before a TrainConfig field existed did: the plateau schedule, no augmentation.
 OLDER_TRAIN_CONFIG = {"schedule": "plateau", "augment": False}
 METRICS_NAME = "metrics.jsonl"  # one JSON line per epoch in the run's checkpoint folder
@@ -69,7 +69,7 @@ APPLIED_ON_RESUME = {
     "init_lr": "the learning rate restarts at it (with --schedule=cosine: the cosine is "
                "rescaled to start from it, from the epoch reached on)",
     "epochs": "training goes on to it (with --schedule=cosine: on the cosine that ends there, "
-              "from the epoch reached on)",
+              "from the epoch reached on; with --std_final, the policy's anneal ends there too)",
     "lr_patience": "the epochs without improvement counted so far still count",
     "batch_size": "the epoch in progress goes on from its first image not yet trained on",
 }
@@ -515,6 +515,7 @@ class Trainer:
         or until `should_stop()` turns true. Returns the metrics of the steps taken (over every
         process) and whether a stop ended them."""
         self.model.train()
+        self._follow_std()
         tally, stopped, start = EpochTally(), False, time.perf_counter()
         bar = progress(train_loader.epoch(self.epoch), self.procs, desc=f"epoch {self.epoch + 1}",
                        unit="batch", leave=False)
@@ -527,6 +528,13 @@ class Trainer:
                 break
         bar.close()
         return tally.metrics(self.procs, time.perf_counter() - start), stopped
+
+    def _follow_std(self):
+        """With --std_final, put the policy's standard deviation where this epoch's is
+        (modules.policy_std): also right after a resume, and on a resume's new --epochs."""
+        if self.cfg.std_final is not None:
+            self.model.locator.std.fill_(
+                policy_std(self.cfg, self.epoch, self.train_cfg.epochs))
 
     @property
     def selection(self):
@@ -545,6 +553,8 @@ class Trainer:
         if "hit_rate" in valid:  # over every glimpse
             metrics["valid_hit_rate"] = sum(valid["hit_rate"]) / len(valid["hit_rate"])
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        if self.cfg.policy == "learned":  # what this epoch explored with
+            metrics["policy_std"] = float(self.model.locator.std)
         score = valid[self.selection]
         if self.train_cfg.schedule == "plateau":
             self.scheduler.step(score)

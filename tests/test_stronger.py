@@ -251,6 +251,63 @@ def test_cosine_schedule_follows_its_formula_and_a_resume_continues_it(tiny_cifa
         [3e-4 * (1 + math.cos(math.pi * e / 6)) / 2 for e in (4, 5)], rel=1e-12)
 
 
+def test_std_final_anneals_the_policy_and_a_checkpoint_keeps_its_epochs_std(tiny_cifar, tmp_path,
+                                                                          capsys):
+    data_dir, _ = tiny_cifar
+
+    def run(*extra):
+        return main.main([f"--data_dir={data_dir}", f"--ckpt_dir={tmp_path / 'ckpt'}",
+                          f"--plot_dir={tmp_path / 'plots'}", *TINY, "--std=0.2",
+                          "--std_final=0.05", "--epochs=3", *extra])
+
+    def stds(folder):
+        with open(folder / "metrics.jsonl") as f:
+            return [json.loads(line)["policy_std"] for line in f]
+
+    assert run() == 0
+    folder = tmp_path / "ckpt" / "ram_3_6x6_2_stdfinal0.05"
+    assert stds(folder) == pytest.approx([0.2, 0.1, 0.05], rel=1e-6)  # x0.5 an epoch
+    latest = load_checkpoint(str(folder / "latest.pth"))
+    assert latest["model"]["locator.std"].item() == pytest.approx(0.05)
+    epoch_1 = load_checkpoint(str(folder / "epoch_1.pth"))
+    assert epoch_1["model"]["locator.std"].item() == pytest.approx(0.2)
+    # Testing samples with the std of the checkpoint's epoch, not with --std.
+    args = parse_args([f"--ckpt_dir={tmp_path / 'ckpt'}", *TINY, "--std=0.2",
+                       "--std_final=0.05"])
+    trainer = Trainer(model_config(args), loss_weights(args), train_config(args), CPU)
+    assert float(trainer.model.locator.std) == pytest.approx(0.2)
+    trainer.load(str(folder / "epoch_2.pth"))
+    assert float(trainer.model.locator.std) == pytest.approx(0.1)
+    # A resume with a new --epochs follows the anneal that ends there.
+    capsys.readouterr()
+    assert run("--epochs=5", "--resume=true") == 0
+    assert stds(folder)[3:] == pytest.approx([0.2 * 0.25 ** 0.75, 0.05], rel=1e-6)
+
+
+def test_an_annealed_policy_samples_and_scores_with_its_buffer():
+    fixed = RecurrentAttention(ModelConfig(**SMALL, std=0.1))
+    annealed = RecurrentAttention(ModelConfig(**SMALL, std=0.3, std_final=0.01))
+    annealed.load_state_dict({**fixed.state_dict(), "locator.std": torch.tensor(0.1)})
+    x = torch.rand(B, 3, 32, 32)
+    torch.manual_seed(1)
+    a = fixed(x)
+    torch.manual_seed(1)
+    b = annealed(x)
+    assert torch.equal(a.locations, b.locations)
+    assert torch.allclose(a.log_pi, b.log_pi, atol=1e-6)
+    annealed.locator.std.fill_(1e-6)  # next to no exploration: the path is the aimed one
+    c = annealed(x)
+    assert (c.locations - c.loc_means).abs().max() < 1e-4
+
+
+def test_std_final_is_refused_where_nothing_is_annealed():
+    for policy in ("grid", "random", "centre"):
+        with pytest.raises(UserError, match="--std_final anneals the learned policy"):
+            model_config(parse_args(["--std_final=0.01", f"--policy={policy}"]))
+    with pytest.raises(SystemExit):
+        parse_args(["--std_final=0"])
+
+
 def test_lr_patience_with_cosine_is_warned_about():
     warned = ignored_flags(train_config(parse_args(["--schedule=cosine", "--lr_patience=5"])))
     assert [line for line in warned if "--lr_patience=5 is ignored with --schedule=cosine" in line]
