@@ -159,6 +159,10 @@ def _core_flags(p):
     core.add_argument("--linear_eval", type=_bool, default=True,
                       help="with --is_train=false: also fit a logistic regression on the frozen "
                       "codes of the training images and report its test accuracy")
+    core.add_argument("--linear_eval_features", choices=FEATURES, default="code",
+                      help="what --linear_eval reads: code: the code the probe reads "
+                      "(--probe_input); glimpses: the glimpse network's T outputs g_1..g_T side "
+                      "by side; states: the core's T states h_1..h_T side by side")
 
 
 def _loss_flags(p):
@@ -285,6 +289,7 @@ def build_parser():
 
 
 SCHEDULES = ("plateau", "cosine")  # --schedule: see trainer.make_scheduler
+FEATURES = ("code", "glimpses", "states")  # --linear_eval_features: see trainer.encode
 
 
 @dataclass(frozen=True)
@@ -314,6 +319,7 @@ class TrainConfig:
     M: int = 10
     eval_chunk: int = 2048
     linear_eval: bool = True
+    linear_eval_features: str = "code"
     ckpt_dir: str = "./ckpt"
     ckpt_freq: int = 1
     best: bool = True
@@ -325,6 +331,9 @@ class TrainConfig:
     print_freq: int = 10
 
     def __post_init__(self):
+        if self.linear_eval_features not in FEATURES:
+            raise ValueError(f"--linear_eval_features must be one of {', '.join(FEATURES)}, "
+                             f"got {self.linear_eval_features!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, "
                              f"got {self.schedule!r}")
@@ -342,6 +351,10 @@ def ignored_flags(cfg: TrainConfig):
     if not cfg.is_train and cfg.resume:
         warnings.append("--resume=true is ignored with --is_train=false; testing reads the "
                         "checkpoint that --model_epoch or --best picks")
+    if cfg.linear_eval_features != "code" and (cfg.is_train or not cfg.linear_eval):
+        warnings.append(f"--linear_eval_features={cfg.linear_eval_features} is ignored without "
+                        "--is_train=false --linear_eval=true; it chooses what the linear "
+                        "evaluation reads")
     if cfg.dataset not in ("translated", "cluttered") and cfg.canvas_size != 60:
         warnings.append(f"--canvas_size={cfg.canvas_size} is ignored with --dataset="
                         f"{cfg.dataset}; it sizes the translated and cluttered canvases")

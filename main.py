@@ -201,9 +201,13 @@ def report_linear_evaluation(trainer, data):
     result = trainer.linear_evaluation(
         [make_loader(split, batching(trainer), shuffle=False)
          for split in (data.train, data.valid, data.test)])
-    print_main(trainer.procs, f"linear evaluation of the frozen code ({trainer.cfg.probe_input}"
-               f" states, logistic regression, L2 {result['l2']:g} chosen on validation): test "
-               f"accuracy {result['test_acc']:.2f}% (validation {result['valid_acc']:.2f}%)")
+    features = trainer.train_cfg.linear_eval_features
+    what = {"code": f"code ({trainer.cfg.probe_input} states)",
+            "glimpses": "glimpse features (g_1..g_T side by side)",
+            "states": "states (h_1..h_T side by side)"}[features]
+    print_main(trainer.procs, f"linear evaluation of the frozen {what}, logistic regression, L2 "
+               f"{result['l2']:g} chosen on validation: test accuracy {result['test_acc']:.2f}% "
+               f"(validation {result['valid_acc']:.2f}%)")
 
 
 def main(argv=None):

@@ -254,17 +254,31 @@ def _summary(totals, T, boxed):
 
 @torch.no_grad()
 def encode(model, loader, train_cfg: TrainConfig, device):
-    """The model's code (what the probe reads) of every image of `loader`, from one glimpse
-    path with the evaluation noise, and the labels: (N, hidden) and (N,) on the CPU."""
+    """The frozen features that --linear_eval_features names, of every image of `loader`, from
+    one glimpse path with the evaluation noise, and the labels: (N, D) and (N,) on the CPU.
+    code: what the probe reads (D = hidden); glimpses: the glimpse network's outputs g_1..g_T,
+    and states: the core's h_1..h_T, side by side in glimpse order (D = T * hidden)."""
     model.eval()
-    codes, labels = [], []
-    for images, y, positions in loader:
-        noise = EvaluationNoise(positions, model.cfg.num_glimpses, train_cfg.random_seed)
-        with autocast(device, train_cfg.amp):
-            out = model(to_float(images, device), decode="last", noise=noise.draw(1).to(device))
-        codes.append(out.code.float().cpu())
-        labels.append(y)
-    return torch.cat(codes), torch.cat(labels)
+    steps = []  # one (B, hidden) tensor per glimpse, caught on its way out of `watched`
+    watched = {"glimpses": model.glimpse, "states": model.core}.get(
+        train_cfg.linear_eval_features)
+    hook = None if watched is None else watched.register_forward_hook(
+        lambda module, args, out: steps.append(out[0] if isinstance(out, tuple) else out))
+    features, labels = [], []
+    try:
+        for images, y, positions in loader:
+            noise = EvaluationNoise(positions, model.cfg.num_glimpses, train_cfg.random_seed)
+            steps.clear()
+            with autocast(device, train_cfg.amp):
+                out = model(to_float(images, device), decode="last",
+                            noise=noise.draw(1).to(device))
+            chosen = out.code if watched is None else torch.cat(steps, -1)  # (B, D)
+            features.append(chosen.float().cpu())
+            labels.append(y)
+    finally:
+        if hook is not None:
+            hook.remove()
+    return torch.cat(features), torch.cat(labels)
 
 
 def resume_changes(ckpt, train_cfg: TrainConfig, weights: LossWeights):
@@ -630,8 +644,9 @@ class Trainer:
         return own, mean
 
     def linear_evaluation(self, loaders):
-        """Offline linear evaluation: a logistic regression on the frozen codes of the
-        (train, valid, test) loaders' images; see utils.linear_evaluation."""
+        """Offline linear evaluation: a logistic regression on the frozen features
+        (--linear_eval_features) of the (train, valid, test) loaders' images; see
+        utils.linear_evaluation."""
         codes = [encode(self.model, loader, self.train_cfg, self.device) for loader in loaders]
         return linear_evaluation(*codes, num_classes=self.cfg.num_classes)
 

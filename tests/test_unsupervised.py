@@ -11,7 +11,11 @@ import torch
 import main
 import plot_glimpses
 from checkpoints import load_checkpoint
+from config import TrainConfig
 from conftest import write_tiny_cifar
+from model import RecurrentAttention
+from modules import ModelConfig, grid_locations
+from trainer import encode
 
 TINY = ["--batch_size=20", "--M=1", "--num_glimpses=3", "--hidden_size=32",
         "--glimpse_hidden=16", "--loc_hidden=16", "--linear_eval=false"]
@@ -60,7 +64,7 @@ def test_every_epoch_has_a_metrics_line_and_the_curves_are_drawn(tiny_cifar, tmp
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [line["epoch"] for line in lines] == [1, 2]
     for key in ("train_recon", "train_acc", "valid_acc", "valid_psnr", "valid_loc_spread",
-                "valid_distinct", "train_images_per_s", "lr", "epoch_s"):
+                "valid_distinct", "train_images_per_s", "lr", "epoch_s", "policy_std"):
         assert all(key in line for line in lines), key
     assert 1 <= lines[-1]["valid_distinct"] <= 3
     out = tmp_path / "curves.png"
@@ -78,3 +82,37 @@ def test_the_test_reports_adaptivity_and_the_linear_evaluation(tiny_cifar, tmp_p
     assert "distinct glimpses" in out
     assert "adaptivity (one path, no exploration noise)" in out and "gain" in out
     assert "linear evaluation of the frozen code (summed states" in out
+    assert main.main([*common, "--is_train=false", "--linear_eval=true",
+                      "--linear_eval_features=glimpses"]) == 0
+    assert "linear evaluation of the frozen glimpse features (g_1..g_T" in capsys.readouterr().out
+
+
+def test_the_linear_evaluation_reads_the_features_it_is_told():
+    cfg = ModelConfig(glimpse_hidden=16, loc_hidden=8, hidden_size=32, num_glimpses=3,
+                      policy="grid")  # no noise: each feature can be recomputed by hand
+    model = RecurrentAttention(cfg)
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    loader = [(images, torch.arange(5), torch.arange(5))]
+    x = images.float() / 255
+
+    def features(kind):
+        train_cfg = TrainConfig(linear_eval_features=kind)
+        feats, labels = encode(model, loader, train_cfg, torch.device("cpu"))
+        assert labels.tolist() == list(range(5))
+        return feats
+
+    code, glimpses, states = features("code"), features("glimpses"), features("states")
+    assert code.shape == (5, 32) and glimpses.shape == states.shape == (5, 3 * 32)
+    # The states side by side sum to the code the decoder and the probe read, s_T.
+    assert torch.allclose(states.view(5, 3, 32).sum(1), code, atol=1e-5)
+    with torch.no_grad():
+        prepared = model.retina.prepare(model.normalize(x))
+        h = torch.zeros(5, 32)
+        for t, l in enumerate(grid_locations(3)):
+            l = l.expand(5, 2)
+            g = model.glimpse(model.retina(prepared, l), l)
+            h, _ = model.core(g, h, h)
+            assert torch.allclose(glimpses[:, 32 * t:32 * (t + 1)], g, atol=1e-6)
+            assert torch.allclose(states[:, 32 * t:32 * (t + 1)], h, atol=1e-6)
+    assert not model.glimpse._forward_hooks and not model.core._forward_hooks  # removed
