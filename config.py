@@ -123,6 +123,11 @@ def _policy_flags(core):
                       "by the same factor every epoch, so that the model ends trained on the "
                       "paths it aims at; evaluation samples with the checkpoint's epoch's value "
                       "(default: --std throughout)")
+    core.add_argument("--policy_epochs", type=positive_int, default=None,
+                      help="the learned policy learns for this many epochs, then is frozen: "
+                      "every glimpse goes where it aims, without exploration noise, and the "
+                      "rest of the model trains and is tested on those exact paths (default: "
+                      "it learns throughout)")
     core.add_argument("--policy", choices=tuple(POLICIES), default="learned",
                       help="where glimpses go: learned (REINFORCE); the ablations random "
                       "(uniform), centre, or grid (a fixed raster scan that covers the image)")
@@ -402,8 +407,9 @@ def model_config(args, data=None, **overrides):
     built with is a UserError."""
     chosen = {name: getattr(args, name) for name in (
         "patch_size", "glimpse_scale", "num_patches", "glimpse_hidden", "loc_hidden",
-        "hidden_size", "num_glimpses", "std", "std_final", "policy", "objective", "reward",
-        "baseline", "probe_input", "policy_input", "core", "glimpse_encoder")}
+        "hidden_size", "num_glimpses", "std", "std_final", "policy_epochs", "policy",
+        "objective", "reward", "baseline", "probe_input", "policy_input", "core",
+        "glimpse_encoder")}
     spec = data_spec(args)
     for name, value in spec.model_defaults().items():
         if chosen[name] is None:
@@ -439,7 +445,7 @@ def model_name(cfg: ModelConfig):
     """ram_[<dataset>_]<glimpses>_<g>x<g>_<scale> (the dataset's tag where it is not cifar10),
     then _k<patches>, _<objective>, _nodecoder (pure RAM), _<policy> and the reward,
     baseline, probe, policy-input, core and glimpse-encoder options, each where it is not the
-    default, and _stdfinal<value> where --std_final anneals the policy."""
+    default, then _stdfinal<value> and _policyepochs<N> where those flags are given."""
     prefix = "ram" if cfg.dataset == ModelConfig.dataset else f"ram_{cfg.dataset}"
     name = f"{prefix}_{cfg.num_glimpses}_{cfg.patch_size}x{cfg.patch_size}_{cfg.glimpse_scale}"
     if cfg.num_patches != ModelConfig.num_patches:
@@ -457,4 +463,6 @@ def model_name(cfg: ModelConfig):
             name += f"_{getattr(cfg, option)}"
     if cfg.std_final is not None:
         name += f"_stdfinal{cfg.std_final:g}"
+    if cfg.policy_epochs is not None:
+        name += f"_policyepochs{cfg.policy_epochs}"
     return name

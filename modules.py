@@ -40,6 +40,7 @@ class ModelConfig:
     num_glimpses: int = 9
     std: float = 0.05
     std_final: float | None = None  # None: --std throughout; else annealed to it (policy_std)
+    policy_epochs: int | None = None  # None: the policy learns throughout; else frozen after
     policy: str = "learned"
     objective: str = "unsupervised"
     reward: str = "sum"
@@ -75,9 +76,12 @@ class ModelConfig:
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name} must be one of {', '.join(choices)}, "
                                  f"got {getattr(self, name)!r}")
-        if self.std_final is not None and self.policy != "learned":
-            raise ValueError(f"--std_final anneals the learned policy's --std; --policy="
-                             f"{self.policy} has none: leave --std_final out")
+        for name in ("std_final", "policy_epochs"):
+            if getattr(self, name) is not None and self.policy != "learned":
+                raise ValueError(f"--{name} is for the learned policy; --policy={self.policy} "
+                                 f"does not learn: leave --{name} out")
+        if self.policy_epochs is not None and self.policy_epochs < 1:
+            raise ValueError(f"--policy_epochs must be at least 1, got {self.policy_epochs}")
         if not self.decoder and self.objective == "unsupervised":
             raise ValueError("the unsupervised objective needs the decoder: its reward is the "
                              "reconstruction error")
@@ -429,7 +433,10 @@ class LocationNetwork(nn.Module):
 
     With --std_final the standard deviation is a buffer, not a constant: the trainer sets it
     every epoch (policy_std), and a checkpoint carries the one its last epoch trained with,
-    which is then what evaluation samples with.
+    which is then what evaluation samples with. With --policy_epochs the buffer `exploring`
+    says whether the policy still learns: once the trainer turns it off, every glimpse goes
+    where the policy aims (l = mu, no noise) with log pi = 0, so REINFORCE gives the policy no
+    gradient and the rest of the model trains, and is tested, on the exact paths it will take.
 
     The state is detached, so the policy learns only through the REINFORCE term and never
     pushes gradient into the core. The sample is detached: it is an action, not a function
@@ -452,6 +459,10 @@ class LocationNetwork(nn.Module):
             self.std = cfg.std
         else:  # annealed: in the state_dict, so that a checkpoint keeps the epoch's value
             self.register_buffer("std", torch.tensor(float(cfg.std)))
+        if cfg.policy_epochs is None:
+            self.exploring = True
+        else:  # in the state_dict: a checkpoint knows whether its policy was still learning
+            self.register_buffer("exploring", torch.tensor(True))
         width = max(1, cfg.hidden_size // 2)
         self.fc = nn.Linear(cfg.hidden_size, width)
         self.fc_mu = nn.Linear(width, 2)
@@ -479,6 +490,9 @@ class LocationNetwork(nn.Module):
             mu = self.cells[t].to(pre.dtype) + torch.tanh(pre) * self.half_cell  # (B, 2)
         else:
             mu = torch.tanh(pre if self.prior is None else pre + self.prior[t])  # (B, 2)
+        if not self.exploring:  # frozen (--policy_epochs): the aimed path, nothing to learn
+            mu = mu.detach()
+            return mu.clamp(-1.0, 1.0), mu.new_zeros(mu.shape[0]), mu
         noise = torch.randn_like(mu) if noise is None else noise.to(mu.dtype)
         sample = (mu + self.std * noise).detach()  # (B, 2)
         # log N(sample; mu, std^2) per axis, summed; written out rather than through

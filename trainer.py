@@ -51,7 +51,8 @@ from utils import (
 # What a checkpoint written before a ModelConfig field existed did instead (the probe read h_T).
 OLDER_MODEL_CONFIG = {"reward": "sum", "baseline": "shared", "probe_input": "last",
                       "policy_input": "state", "dataset": "cifar10", "decoder": True,
-                      "core": "rnn", "glimpse_encoder": "linear", "std_final": None}
+                      "core": "rnn", "glimpse_encoder": "linear", "std_final": None,
+                      "policy_epochs": None}
 # What a run written before a TrainConfig field existed did: the plateau schedule, no augmentation.
 OLDER_TRAIN_CONFIG = {"schedule": "plateau", "augment": False}
 METRICS_NAME = "metrics.jsonl"  # one JSON line per epoch in the run's checkpoint folder
@@ -544,11 +545,14 @@ class Trainer:
         return tally.metrics(self.procs, time.perf_counter() - start), stopped
 
     def _follow_std(self):
-        """With --std_final, put the policy's standard deviation where this epoch's is
-        (modules.policy_std): also right after a resume, and on a resume's new --epochs."""
+        """Put the policy where this epoch has it: with --std_final, its standard deviation
+        (modules.policy_std); with --policy_epochs, learning or frozen on its aimed path. Also
+        right after a resume, and on a resume's new --epochs."""
+        locator = self.model.locator
         if self.cfg.std_final is not None:
-            self.model.locator.std.fill_(
-                policy_std(self.cfg, self.epoch, self.train_cfg.epochs))
+            locator.std.fill_(policy_std(self.cfg, self.epoch, self.train_cfg.epochs))
+        if self.cfg.policy_epochs is not None:
+            locator.exploring.fill_(self.epoch < self.cfg.policy_epochs)
 
     @property
     def selection(self):
@@ -567,8 +571,9 @@ class Trainer:
         if "hit_rate" in valid:  # over every glimpse
             metrics["valid_hit_rate"] = sum(valid["hit_rate"]) / len(valid["hit_rate"])
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        if self.cfg.policy == "learned":  # what this epoch explored with
-            metrics["policy_std"] = float(self.model.locator.std)
+        if self.cfg.policy == "learned":  # what this epoch explored with; 0 once frozen
+            locator = self.model.locator
+            metrics["policy_std"] = float(locator.std) if bool(locator.exploring) else 0.0
         score = valid[self.selection]
         if self.train_cfg.schedule == "plateau":
             self.scheduler.step(score)

@@ -300,12 +300,42 @@ def test_an_annealed_policy_samples_and_scores_with_its_buffer():
     assert (c.locations - c.loc_means).abs().max() < 1e-4
 
 
-def test_std_final_is_refused_where_nothing_is_annealed():
+def test_std_final_and_policy_epochs_are_refused_where_nothing_learns():
     for policy in ("grid", "random", "centre"):
-        with pytest.raises(UserError, match="--std_final anneals the learned policy"):
-            model_config(parse_args(["--std_final=0.01", f"--policy={policy}"]))
-    with pytest.raises(SystemExit):
-        parse_args(["--std_final=0"])
+        for flag in ("--std_final=0.01", "--policy_epochs=3"):
+            with pytest.raises(UserError, match=f"{flag.split('=')[0]} is for the learned"):
+                model_config(parse_args([flag, f"--policy={policy}"]))
+    for flag in ("--std_final=0", "--policy_epochs=0"):
+        with pytest.raises(SystemExit):
+            parse_args([flag])
+
+
+def test_policy_epochs_freezes_the_policy_on_its_aimed_path(tiny_cifar, tmp_path, capsys):
+    data_dir, _ = tiny_cifar
+    flags = [f"--data_dir={data_dir}", f"--ckpt_dir={tmp_path / 'ckpt'}",
+             f"--plot_dir={tmp_path / 'plots'}", *TINY, "--policy_epochs=1"]
+    assert main.main([*flags, "--epochs=2"]) == 0
+    folder = tmp_path / "ckpt" / "ram_3_6x6_2_policyepochs1"
+    with open(folder / "metrics.jsonl") as f:
+        assert [json.loads(line)["policy_std"] for line in f] == [0.05, 0.0]
+    first = load_checkpoint(str(folder / "epoch_1.pth"))["model"]
+    second = load_checkpoint(str(folder / "epoch_2.pth"))["model"]
+    assert bool(first["locator.exploring"]) and not bool(second["locator.exploring"])
+    policy = [k for k in first if k.startswith("locator.") and k != "locator.exploring"]
+    assert policy and all(torch.equal(first[k], second[k]) for k in policy)  # frozen
+    assert not torch.equal(first["core.i2h.weight"], second["core.i2h.weight"])  # still learns
+    # Frozen, the model glimpses where the policy aims: no noise, nothing to score.
+    args = parse_args(flags)
+    trainer = Trainer(model_config(args), loss_weights(args), train_config(args), CPU)
+    trainer.load(str(folder / "epoch_2.pth"))
+    out = trainer.model(torch.rand(B, 3, 32, 32))
+    assert torch.equal(out.locations, out.loc_means) and (out.log_pi == 0).all()
+    trainer.load(str(folder / "epoch_1.pth"))  # still exploring
+    out = trainer.model(torch.rand(B, 3, 32, 32))
+    assert not torch.equal(out.locations, out.loc_means)
+    capsys.readouterr()
+    assert main.main([*flags, "--is_train=false"]) == 0
+    assert "distinct glimpses" in capsys.readouterr().out
 
 
 def test_lr_patience_with_cosine_is_warned_about():
