@@ -18,6 +18,7 @@ from modules import (
     POLICY_INPUTS,
     PROBE_INPUTS,
     REWARDS,
+    WRITES,
     ModelConfig,
 )
 from utils import OneLineParser, UserError, str2bool
@@ -181,6 +182,11 @@ def _loss_flags(p):
                       "glimpse and every later one; gain: how much its own glimpse lowered the "
                       "error; final: minus the error after the last glimpse, the figure PSNR "
                       "reports")
+    loss.add_argument("--write", choices=WRITES, default="none",
+                      help="none: each step's increment is W h_t + b (the seed's linear decoder); "
+                      "glimpse: plus V h_t written back where its glimpse was taken, through the "
+                      "retina's adjoint, so that detail lands where it was seen wherever the "
+                      "policy looked (no Gram form: training builds the T canvases)")
     loss.add_argument("--probe_input", choices=PROBE_INPUTS, default="summed",
                       help="what the classifier reads: summed: s_T = h_1 + ... + h_T, the code "
                       "the decoder reads; last: h_T")
@@ -409,7 +415,7 @@ def model_config(args, data=None, **overrides):
         "patch_size", "glimpse_scale", "num_patches", "glimpse_hidden", "loc_hidden",
         "hidden_size", "num_glimpses", "std", "std_final", "policy_epochs", "policy",
         "objective", "reward", "baseline", "probe_input", "policy_input", "core",
-        "glimpse_encoder")}
+        "glimpse_encoder", "write")}
     spec = data_spec(args)
     for name, value in spec.model_defaults().items():
         if chosen[name] is None:
@@ -445,7 +451,8 @@ def model_name(cfg: ModelConfig):
     """ram_[<dataset>_]<glimpses>_<g>x<g>_<scale> (the dataset's tag where it is not cifar10),
     then _k<patches>, _<objective>, _nodecoder (pure RAM), _<policy> and the reward,
     baseline, probe, policy-input, core and glimpse-encoder options, each where it is not the
-    default, then _stdfinal<value> and _policyepochs<N> where those flags are given."""
+    default, then _write<where>, _stdfinal<value> and _policyepochs<N> where those flags are
+    given."""
     prefix = "ram" if cfg.dataset == ModelConfig.dataset else f"ram_{cfg.dataset}"
     name = f"{prefix}_{cfg.num_glimpses}_{cfg.patch_size}x{cfg.patch_size}_{cfg.glimpse_scale}"
     if cfg.num_patches != ModelConfig.num_patches:
@@ -461,6 +468,8 @@ def model_name(cfg: ModelConfig):
                    "glimpse_encoder"):
         if getattr(cfg, option) != getattr(ModelConfig, option):
             name += f"_{getattr(cfg, option)}"
+    if cfg.write != ModelConfig.write:
+        name += f"_write{cfg.write}"
     if cfg.std_final is not None:
         name += f"_stdfinal{cfg.std_final:g}"
     if cfg.policy_epochs is not None:

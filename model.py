@@ -16,6 +16,7 @@ from modules import (
     GlimpseNetwork,
     ModelConfig,
     Retina,
+    WritingDecoder,
     location_to_pixels,
 )
 
@@ -76,7 +77,8 @@ class RecurrentAttention(nn.Module):
         self.locator = POLICIES[cfg.policy](cfg)
         self.baseline = BaselineNetwork(cfg)
         self.classifier = Classifier(cfg)
-        self.decoder = Decoder(cfg) if cfg.decoder else None  # pure RAM has none
+        decoder = WritingDecoder if cfg.write == "glimpse" else Decoder
+        self.decoder = decoder(cfg) if cfg.decoder else None  # pure RAM has none
         shape = (1, cfg.num_channels, 1, 1)
         # The dataset's pixel statistics, (1, C, 1, 1); not cfg.std, the policy's spread.
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(shape),
@@ -137,16 +139,16 @@ class RecurrentAttention(nn.Module):
             log_pis.append(log_pi)
             if decode == "plots":
                 patches.append(phi)
-        states = torch.stack(states)  # (T, paths*B, hidden)
+        states, locations = torch.stack(states), torch.stack(locations)  # (T, paths*B, ...)
         code = states.sum(0) if cfg.probe_input == "summed" else h  # (paths*B, hidden)
         code = code if cfg.objective == "supervised" else code.detach()  # unsupervised: a probe
-        # The decoder is linear, so its Gram form gives the errors without building a canvas
-        # (Decoder.direct_errors is the same through the canvases, for a non-linear decoder).
+        # The linear decoder's Gram form gives the errors without building a canvas; the
+        # writing decoder builds them (Decoder.direct_errors).
         errors = None if self.decoder is None else self.decoder.errors(
-            states, x, last_only=decode == "last")
+            states, x, last_only=decode == "last", locations=locations)
         canvases = decode == "plots" and self.decoder is not None
         return Rollout(
-            locations=torch.stack(locations),
+            locations=locations,
             loc_means=torch.stack(means),
             log_pi=torch.stack(log_pis),
             baselines=torch.stack(baselines),
@@ -154,8 +156,8 @@ class RecurrentAttention(nn.Module):
             code=code,
             errors=errors,
             blank_errors=x.pow(2).flatten(1).mean(-1).repeat(paths),  # (paths*B,)
-            decoded=self.decoder.steps(states) if canvases else None,
-            recon=self.decoder(states) if canvases else None,
+            decoded=self.decoder.steps(states, locations) if canvases else None,
+            recon=self.decoder(states, locations) if canvases else None,
             patches=torch.stack(patches) if patches else None,  # taken for the plots only
         )
 

@@ -52,6 +52,7 @@ class ModelConfig:
     pixel_mean: tuple = CIFAR10_MEAN
     pixel_std: tuple = CIFAR10_STD
     decoder: bool = True  # False: pure RAM, no reconstruction at all (it costs nothing)
+    write: str = "none"  # "glimpse": the decoder also writes at the glimpse (WritingDecoder)
 
     def __post_init__(self):
         for name in ("image_size", "num_channels", "num_classes", "patch_size", "glimpse_scale",
@@ -61,8 +62,6 @@ class ModelConfig:
                 raise ValueError(f"--{name} must be a whole number of at least 1, got {value!r}")
         if not self.std > 0:
             raise ValueError(f"--std must be greater than 0, got {self.std}")
-        if self.std_final is not None and not self.std_final > 0:
-            raise ValueError(f"--std_final must be greater than 0, got {self.std_final}")
         if self.policy not in POLICIES:
             raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if not len(self.pixel_mean) == len(self.pixel_std) == self.num_channels:
@@ -76,12 +75,12 @@ class ModelConfig:
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name} must be one of {', '.join(choices)}, "
                                  f"got {getattr(self, name)!r}")
-        for name in ("std_final", "policy_epochs"):
-            if getattr(self, name) is not None and self.policy != "learned":
-                raise ValueError(f"--{name} is for the learned policy; --policy={self.policy} "
-                                 f"does not learn: leave --{name} out")
-        if self.policy_epochs is not None and self.policy_epochs < 1:
-            raise ValueError(f"--policy_epochs must be at least 1, got {self.policy_epochs}")
+        self._check_policy_schedule()
+        if self.write not in WRITES:
+            raise ValueError(f"--write must be one of {', '.join(WRITES)}, got {self.write!r}")
+        if self.write != "none" and not self.decoder:
+            raise ValueError("--write=glimpse writes the decoder's increments: pure RAM "
+                             "(--recon_weight=0 under supervised) has no decoder")
         if not self.decoder and self.objective == "unsupervised":
             raise ValueError("the unsupervised objective needs the decoder: its reward is the "
                              "reconstruction error")
@@ -93,6 +92,17 @@ class ModelConfig:
                 f"the largest patch is {self.largest_patch} px (patch_size * glimpse_scale ** "
                 f"(num_patches - 1)), more than 4x the {self.image_size} px image: "
                 "lower --patch_size, --glimpse_scale or --num_patches")
+
+    def _check_policy_schedule(self):
+        """--std_final and --policy_epochs: for a policy that learns, with sound values."""
+        if self.std_final is not None and not self.std_final > 0:
+            raise ValueError(f"--std_final must be greater than 0, got {self.std_final}")
+        if self.policy_epochs is not None and self.policy_epochs < 1:
+            raise ValueError(f"--policy_epochs must be at least 1, got {self.policy_epochs}")
+        for name in ("std_final", "policy_epochs"):
+            if getattr(self, name) is not None and self.policy != "learned":
+                raise ValueError(f"--{name} is for the learned policy; --policy={self.policy} "
+                                 f"does not learn: leave --{name} out")
 
     @property
     def patch_sizes(self):
@@ -119,6 +129,7 @@ BASELINES = ("shared", "per_step")
 PROBE_INPUTS = ("summed", "last")
 POLICY_INPUTS = ("state", "state_step", "grid_prior", "grid_local")
 GLIMPSE_ENCODERS = ("linear", "conv")  # the first layer of the "what" pathway
+WRITES = ("none", "glimpse")  # where the decoder writes: see Decoder and WritingDecoder
 CONV_CHANNELS = 32  # feature maps of each convolution of the conv glimpse encoder
 
 
@@ -674,7 +685,7 @@ class Decoder(nn.Module):
         weight = torch.cat([self.fc.weight, self.fc.bias.unsqueeze(1)], 1)  # (CHW, hidden + 1)
         return torch.cat([summed, t], -1), weight
 
-    def forward(self, h):
+    def forward(self, h, locations=None):
         T, B, _ = h.shape
         # Summing the states (T, B, hidden) instead of the images (T, B, C*H*W) makes the
         # cumulative sum and its backward 12x smaller in the seed configuration.
@@ -682,7 +693,7 @@ class Decoder(nn.Module):
         out = F.linear(z, weight)  # (T, B, C*H*W)
         return out.view(T, B, *self.shape)
 
-    def errors(self, h, x, last_only=False):
+    def errors(self, h, x, last_only=False, locations=None):
         """Mean squared error of every step's prediction, without building the predictions.
 
         With z_t = [s_t, t] and A = [W, b], x_hat_t = A z_t, so for each image
@@ -698,6 +709,7 @@ class Decoder(nn.Module):
                 of image b in column p*B + b.
             x: (B, C, H, W) the images, in the units the decoder predicts.
             last_only: the error of the last step alone.
+            locations: where each glimpse was taken; this decoder does not need them.
         Returns:
             (T, P*B) mean over pixels of (x_hat_t - x)^2, differentiable in h, W and b;
             (1, P*B) with `last_only`.
@@ -715,19 +727,72 @@ class Decoder(nn.Module):
         # Rounding can leave a perfect prediction a hair below zero; an error is never negative.
         return (squared.clamp(min=0) / flat.shape[1]).flatten(1)  # (T', P*B)
 
-    def direct_errors(self, h, x, last_only=False):
+    def direct_errors(self, h, x, last_only=False, locations=None):
         """The same errors as `errors`, from the built predictions x_hat_t.
 
-        (T, P*B, C*H*W) canvases and their differences: the path a non-linear decoder would
-        have to take, and the reference the tests hold the Gram form to.
+        (T, P*B, C*H*W) canvases and their differences: the path a non-linear decoder takes
+        (WritingDecoder), and the reference the tests hold the Gram form to.
         """
-        recon = self(h)[-1:] if last_only else self(h)  # (T', P*B, C, H, W)
-        target = x.repeat(h.shape[1] // x.shape[0], 1, 1, 1)  # (P*B, C, H, W)
-        return (recon - target).pow(2).flatten(-3).mean(-1)
+        with torch.autocast(h.device.type, enabled=False):
+            recon = self(h.float(), locations)  # (T, P*B, C, H, W)
+            recon = recon[-1:] if last_only else recon
+            target = x.float().repeat(h.shape[1] // x.shape[0], 1, 1, 1)  # (P*B, C, H, W)
+            return (recon - target).pow(2).flatten(-3).mean(-1)
 
-    def steps(self, h):
+    def steps(self, h, locations=None):
         """The output d_t of each step alone: (T, B, hidden_size) -> (T, B, C, H, W)."""
         return self.fc(h).view(*h.shape[:2], *self.shape)
+
+
+class WritingDecoder(Decoder):
+    """A decoder that also writes where each glimpse was taken (`write=glimpse`).
+
+    d_t = W h_t + b + R_{l_t}^T (V h_t),   x_hat_t = sum_{tau <= t} d_tau
+
+    R_l is the retina at l, a linear map from the image to the glimpse's k x C x g x g values,
+    and R_l^T its adjoint: each value of V h_t is spread evenly over the pixels its pooled cell
+    averaged (zero where the cell lies outside the image). A glimpse's detail can so be put
+    back exactly where it was seen, wherever that was; the linear decoder W h_t can only put it
+    where glimpses usually are, which is what a policy that moves glimpses between images costs
+    it. The prediction is no longer linear in the summed states, so there is no Gram form:
+    `errors` builds the T canvases (`direct_errors`), in float32.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.cfg = cfg
+        self.fc_write = nn.Linear(cfg.hidden_size, cfg.glimpse_numel)
+        self.sensor = Retina(cfg)  # its index table and level layout, not its weights: none
+
+    def written(self, h, locations):
+        """R_{l_t}^T (V h_t) for every step and column: (T, N, hidden), (T, N, 2) ->
+        (T, N, C, H, W)."""
+        cfg, sensor = self.cfg, self.sensor
+        T, N, _ = h.shape
+        C, size, pad = cfg.num_channels, cfg.image_size, sensor.pad
+        # The retina gathers box sums and scales them by 1 / area; the adjoint scales first,
+        # then adds each value into the box sum it came from.
+        values = self.fc_write(h).view(T * N, cfg.num_patches, -1) * sensor.inv_area.view(1, -1, 1)
+        centre = location_to_pixels(locations.detach().flatten(0, 1), size)  # (T*N, 2)
+        index = sensor.index_table.index_select(0, centre[:, 1] * (size + 1) + centre[:, 0])
+        levels = values.new_zeros(T * N, C * sensor.length).scatter_add_(
+            1, index, values.flatten(1)).view(T * N * C, sensor.length)
+        canvas = 0
+        for i, (offset, side) in enumerate(zip(sensor.offsets, sensor.sides, strict=True)):
+            f = cfg.glimpse_scale ** i  # a box sum of level i covers f x f padded pixels
+            level = levels[:, offset:offset + side**2].view(-1, 1, side, side)
+            canvas = canvas + F.conv_transpose2d(level, level.new_ones(1, 1, f, f))
+        canvas = canvas[..., pad:pad + size, pad:pad + size]  # (T*N*C, 1, H, W)
+        return canvas.reshape(T, N, C, size, size)
+
+    def steps(self, h, locations=None):
+        return super().steps(h) + self.written(h, locations)
+
+    def forward(self, h, locations=None):
+        return self.steps(h, locations).cumsum(0)
+
+    def errors(self, h, x, last_only=False, locations=None):
+        return self.direct_errors(h, x, last_only, locations)
 
 
 # --policy: the module that places the glimpses. A new fixed policy is a FixedPolicy subclass
