@@ -762,28 +762,58 @@ class WritingDecoder(Decoder):
         super().__init__(cfg)
         self.cfg = cfg
         self.fc_write = nn.Linear(cfg.hidden_size, cfg.glimpse_numel)
-        self.sensor = Retina(cfg)  # its index table and level layout, not its weights: none
+        self.pad = cfg.glimpse_scale ** (cfg.num_patches - 1)  # the retina's (Retina.pad)
+        self.side = cfg.image_size + 2 * self.pad + 1  # of the difference array below
+        cell = torch.tensor([float(cfg.glimpse_scale**i) for i in range(cfg.num_patches)])
+        self.register_buffer("inv_area", (1.0 / cell**2).view(1, -1, 1), persistent=False)
+        self.register_buffer("cell", cell.long().view(1, -1, 1), persistent=False)  # (1, k, 1)
+        g, k = cfg.patch_size, cfg.num_patches
+        start = torch.stack([self.pad - size // 2 + torch.arange(g) * cfg.glimpse_scale**i
+                             for i, size in enumerate(cfg.patch_sizes)])  # (k, g)
+        self.register_buffer("start", start.view(1, k, g), persistent=False)
+        # Row r of `fill` sums the difference array's rows up to the image's row r: a
+        # cumulative sum and the crop to the image in one product (faster than cumsum here).
+        fill = torch.tril(torch.ones(self.side, self.side))[self.pad:self.pad + cfg.image_size]
+        self.register_buffer("fill", fill, persistent=False)  # (H, side)
+
+    def _corners(self, centre):
+        """Where the pooled cells of glimpses centred on `centre` (N, 2) pixels begin and end:
+        flat positions in a (C, side, side) difference array of the padded image, (N, 4,
+        k*C*g*g) for the top-left, top-right, bottom-left and bottom-right corners. Cells are
+        clamped as the retina clamps them (Retina._index_table): one wholly outside the
+        image lands in the padding, which is cut off."""
+        cfg, side = self.cfg, self.side
+        low, high = 0, cfg.image_size + self.pad
+        ys = (centre[:, 1].view(-1, 1, 1) + self.start).clamp(low, high)  # (N, k, g)
+        xs = (centre[:, 0].view(-1, 1, 1) + self.start).clamp(low, high)  # (N, k, g)
+        channel = (torch.arange(cfg.num_channels, device=centre.device) * side**2).view(
+            1, 1, -1, 1, 1)  # (1, 1, C, 1, 1)
+
+        def flat(rows, cols):  # (N, k, g) each -> (N, k*C*g*g)
+            return (channel + rows[:, :, None, :, None] * side
+                    + cols[:, :, None, None, :]).flatten(1)
+
+        bottom, right = ys + self.cell, xs + self.cell
+        return torch.stack([flat(ys, xs), flat(ys, right), flat(bottom, xs),
+                            flat(bottom, right)], 1)
 
     def written(self, h, locations):
         """R_{l_t}^T (V h_t) for every step and column: (T, N, hidden), (T, N, 2) ->
-        (T, N, C, H, W)."""
-        cfg, sensor = self.cfg, self.sensor
+        (T, N, C, H, W).
+
+        The retina's value of a cell is the mean of the f x f padded pixels it pooled, so the
+        adjoint adds value / f^2 to each of them. That is done for all cells at once with a
+        difference array: +v at the box's top-left and bottom-right corners, -v at the other
+        two, then a cumulative sum down and one across fill every box."""
+        cfg, side, size = self.cfg, self.side, self.cfg.image_size
         T, N, _ = h.shape
-        C, size, pad = cfg.num_channels, cfg.image_size, sensor.pad
-        # The retina gathers box sums and scales them by 1 / area; the adjoint scales first,
-        # then adds each value into the box sum it came from.
-        values = self.fc_write(h).view(T * N, cfg.num_patches, -1) * sensor.inv_area.view(1, -1, 1)
+        values = (self.fc_write(h).view(T * N, cfg.num_patches, -1) * self.inv_area).flatten(1)
         centre = location_to_pixels(locations.detach().flatten(0, 1), size)  # (T*N, 2)
-        index = sensor.index_table.index_select(0, centre[:, 1] * (size + 1) + centre[:, 0])
-        levels = values.new_zeros(T * N, C * sensor.length).scatter_add_(
-            1, index, values.flatten(1)).view(T * N * C, sensor.length)
-        canvas = 0
-        for i, (offset, side) in enumerate(zip(sensor.offsets, sensor.sides, strict=True)):
-            f = cfg.glimpse_scale ** i  # a box sum of level i covers f x f padded pixels
-            level = levels[:, offset:offset + side**2].view(-1, 1, side, side)
-            canvas = canvas + F.conv_transpose2d(level, level.new_ones(1, 1, f, f))
-        canvas = canvas[..., pad:pad + size, pad:pad + size]  # (T*N*C, 1, H, W)
-        return canvas.reshape(T, N, C, size, size)
+        signed = torch.stack([values, -values, -values, values], 1)  # (T*N, 4, k*C*g*g)
+        spread = values.new_zeros(T * N, cfg.num_channels * side**2).scatter_add(
+            1, self._corners(centre).flatten(1), signed.flatten(1))
+        canvas = self.fill @ spread.view(T * N, cfg.num_channels, side, side) @ self.fill.T
+        return canvas.view(T, N, cfg.num_channels, size, size)
 
     def steps(self, h, locations=None):
         return super().steps(h) + self.written(h, locations)
