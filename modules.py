@@ -659,6 +659,8 @@ class Decoder(nn.Module):
 
     Args of forward:
         h: (T, B, hidden_size) states of all steps.
+        locations: (T, B, 2) where each glimpse was taken; unused here, taken so that every
+            decoder is called alike (WritingDecoder needs them).
     Returns:
         x_hat: (T, B, C, H, W) cumulative predictions after each step.
     """
@@ -709,7 +711,7 @@ class Decoder(nn.Module):
                 of image b in column p*B + b.
             x: (B, C, H, W) the images, in the units the decoder predicts.
             last_only: the error of the last step alone.
-            locations: where each glimpse was taken; this decoder does not need them.
+            locations: (T, P*B, 2) where each glimpse was taken; unused here.
         Returns:
             (T, P*B) mean over pixels of (x_hat_t - x)^2, differentiable in h, W and b;
             (1, P*B) with `last_only`.
