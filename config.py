@@ -120,10 +120,11 @@ def _policy_flags(core):
                       "in [-1, 1]; default: the dataset's, 0.05 on cifar10, 0.15 on mnist, 0.25 "
                       "on translated and cluttered canvases)")
     core.add_argument("--std_final", type=positive_float, default=None,
-                      help="anneal the learned policy's --std to this at the last of --epochs, "
-                      "by the same factor every epoch, so that the model ends trained on the "
-                      "paths it aims at; evaluation samples with the checkpoint's epoch's value "
-                      "(default: --std throughout)")
+                      help="anneal the learned policy's std from --std at the first epoch to "
+                      "this at the last of --epochs (more than one), by the same factor every "
+                      "epoch; a resume with a new --epochs recomputes the anneal to end there. "
+                      "Evaluation samples with the checkpoint's epoch's value (default: --std "
+                      "throughout)")
     core.add_argument("--policy_epochs", type=positive_int, default=None,
                       help="the learned policy learns for this many epochs, then is frozen: "
                       "every glimpse goes where it aims, without exploration noise, and the "

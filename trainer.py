@@ -315,8 +315,11 @@ class Trainer:
         # load alike with or without torchrun.
         wrapped = self.model
         if procs.distributed:
+            # Once --policy_epochs freezes the policy its weights get no gradient, which DDP
+            # must be told to look for, or its reduction never completes.
             wrapped = DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+                self.model, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=cfg.policy_epochs is not None)
         self.step_model = compile_model(wrapped, device) if train_cfg.compile else wrapped
         # Evaluation needs no gradient exchange: each process runs its share on the module.
         self.eval_model = compile_model(self.model, device) if train_cfg.compile else self.model

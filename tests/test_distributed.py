@@ -63,6 +63,16 @@ def test_two_processes_train_log_once_and_agree_with_one(tiny_cifar, tmp_path):
     assert "saved by 2 process(es)" in resumed.stdout and "epoch 2/2" in resumed.stdout
 
 
+def test_two_processes_train_on_after_the_policy_freezes(tiny_cifar, tmp_path):
+    # Frozen, the policy's weights get no gradient; DDP must expect that (--policy_epochs).
+    data_dir, _ = tiny_cifar
+    done = torchrun(2, "--epochs=2", "--policy_epochs=1", f"--data_dir={data_dir}",
+                    f"--ckpt_dir={tmp_path / 'ckpt'}", f"--plot_dir={tmp_path / 'plots'}",
+                    *FLAGS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "epoch 2/2" in done.stdout
+
+
 def test_test_split_figures_do_not_depend_on_the_process_count(tiny_cifar, tmp_path):
     data_dir, _ = tiny_cifar
     common = [f"--data_dir={data_dir}", f"--ckpt_dir={tmp_path / 'ckpt'}",
