@@ -179,6 +179,26 @@ def patch_corners(l, image_size, patch_sizes):
     return centre - half.view(-1, 1)  # (..., k, 2)
 
 
+def sensor_pad(cfg: ModelConfig):
+    """How many zero pixels the retina pads each side of the image with: the side of its
+    largest box, s^(k-1) (see Retina)."""
+    return cfg.glimpse_scale ** (cfg.num_patches - 1)
+
+
+def cell_starts(cfg: ModelConfig):
+    """Where the box of pooled cell a of patch i starts along either axis, in the retina's padded
+    coordinates, for a glimpse centred on pixel c of that axis: (S + 1 centres, k, g).
+
+    Clamping to [0, S + pad] leaves every box that touches the image where it is and moves the
+    others onto a box of padding only, which holds zeros when read (Retina) and is cut off when
+    written (WritingDecoder)."""
+    pad, g = sensor_pad(cfg), cfg.patch_size
+    centres = torch.arange(cfg.image_size + 1).view(-1, 1, 1)
+    start = torch.stack([pad - size // 2 + torch.arange(g) * cfg.glimpse_scale**i
+                         for i, size in enumerate(cfg.patch_sizes)])  # (k, g)
+    return (centres + start).clamp(0, cfg.image_size + pad)
+
+
 class Retina(nn.Module):
     """Glimpse sensor: k square patches of sides g*s^i around `l`, each average-pooled to g x g.
 
@@ -203,7 +223,7 @@ class Retina(nn.Module):
         # of those all-zero boxes. For the seed's sensor the levels hold less than half the
         # values they would with the full padding (40^2 + 39^2 + 37^2 against 56^2 + 55^2 +
         # 53^2 per channel), and so does the memory `prepare` writes and `forward` reads.
-        self.pad = s ** (k - 1)
+        self.pad = sensor_pad(cfg)
         # Side of each scale's filtered image: an f-box at stride 1 loses f - 1 pixels, and
         # scale i + 1's box is s boxes of scale i, f_i pixels apart.
         self.sides = [cfg.image_size + 2 * self.pad]
@@ -225,15 +245,8 @@ class Retina(nn.Module):
         """Row cy * (S + 1) + cx: the (k, C, g, g) positions in `prepare`'s output of the glimpse
         centred on pixel (cx, cy), channels included, so that the gathered patches come out in
         the order the glimpse network reads them."""
-        cfg, s, g = self.cfg, self.cfg.glimpse_scale, self.cfg.patch_size
-        # Where the box of pooled cell a of patch i starts along either axis, in padded
-        # coordinates, for a glimpse centred on pixel c of that axis: (S + 1 centres, k, g).
-        # Clamping to [0, S + pad] leaves every box that touches the image where it is and
-        # moves the others onto an all-zero box.
-        centres = torch.arange(cfg.image_size + 1).view(-1, 1, 1)
-        start = torch.stack([self.pad - size // 2 + torch.arange(g) * s**i
-                             for i, size in enumerate(cfg.patch_sizes)])  # (k, g)
-        start = (centres + start).clamp(0, cfg.image_size + self.pad)
+        cfg = self.cfg
+        start = cell_starts(cfg)  # (S + 1, k, g)
         offset = torch.tensor(self.offsets).view(-1, 1, 1)  # (k, 1, 1) where each level begins
         side = torch.tensor(self.sides).view(-1, 1, 1)  # (k, 1, 1)
         channel = torch.arange(cfg.num_channels).view(-1, 1, 1) * self.length  # (C, 1, 1)
@@ -764,15 +777,12 @@ class WritingDecoder(Decoder):
         super().__init__(cfg)
         self.cfg = cfg
         self.fc_write = nn.Linear(cfg.hidden_size, cfg.glimpse_numel)
-        self.pad = cfg.glimpse_scale ** (cfg.num_patches - 1)  # the retina's (Retina.pad)
+        self.pad = sensor_pad(cfg)
         self.side = cfg.image_size + 2 * self.pad + 1  # of the difference array below
         cell = torch.tensor([float(cfg.glimpse_scale**i) for i in range(cfg.num_patches)])
         self.register_buffer("inv_area", (1.0 / cell**2).view(1, -1, 1), persistent=False)
         self.register_buffer("cell", cell.long().view(1, -1, 1), persistent=False)  # (1, k, 1)
-        g, k = cfg.patch_size, cfg.num_patches
-        start = torch.stack([self.pad - size // 2 + torch.arange(g) * cfg.glimpse_scale**i
-                             for i, size in enumerate(cfg.patch_sizes)])  # (k, g)
-        self.register_buffer("start", start.view(1, k, g), persistent=False)
+        self.register_buffer("starts", cell_starts(cfg), persistent=False)  # (S + 1, k, g)
         # Row r of `fill` sums the difference array's rows up to the image's row r: a
         # cumulative sum and the crop to the image in one product (faster than cumsum here).
         fill = torch.tril(torch.ones(self.side, self.side))[self.pad:self.pad + cfg.image_size]
@@ -781,13 +791,11 @@ class WritingDecoder(Decoder):
     def _corners(self, centre):
         """Where the pooled cells of glimpses centred on `centre` (N, 2) pixels begin and end:
         flat positions in a (C, side, side) difference array of the padded image, (N, 4,
-        k*C*g*g) for the top-left, top-right, bottom-left and bottom-right corners. Cells are
-        clamped as the retina clamps them (Retina._index_table): one wholly outside the
-        image lands in the padding, which is cut off."""
+        k*C*g*g) for the top-left, top-right, bottom-left and bottom-right corners. The boxes
+        are the retina's (cell_starts): one wholly outside the image lies in the padding, which
+        is cut off."""
         cfg, side = self.cfg, self.side
-        low, high = 0, cfg.image_size + self.pad
-        ys = (centre[:, 1].view(-1, 1, 1) + self.start).clamp(low, high)  # (N, k, g)
-        xs = (centre[:, 0].view(-1, 1, 1) + self.start).clamp(low, high)  # (N, k, g)
+        ys, xs = self.starts[centre[:, 1]], self.starts[centre[:, 0]]  # (N, k, g) each
         channel = (torch.arange(cfg.num_channels, device=centre.device) * side**2).view(
             1, 1, -1, 1, 1)  # (1, 1, C, 1, 1)
 

@@ -533,7 +533,7 @@ class Trainer:
         or until `should_stop()` turns true. Returns the metrics of the steps taken (over every
         process) and whether a stop ended them."""
         self.model.train()
-        self._follow_std()
+        self._follow_policy_schedule()
         tally, stopped, start = EpochTally(), False, time.perf_counter()
         bar = progress(train_loader.epoch(self.epoch), self.procs, desc=f"epoch {self.epoch + 1}",
                        unit="batch", leave=False)
@@ -547,7 +547,7 @@ class Trainer:
         bar.close()
         return tally.metrics(self.procs, time.perf_counter() - start), stopped
 
-    def _follow_std(self):
+    def _follow_policy_schedule(self):
         """Put the policy where this epoch has it: with --std_final, its standard deviation
         (modules.policy_std); with --policy_epochs, learning or frozen on its aimed path. Also
         right after a resume, and on a resume's new --epochs."""
