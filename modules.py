@@ -644,38 +644,47 @@ class Classifier(nn.Module):
         return F.log_softmax(self.fc(self.norm(h)), dim=-1)
 
 
-class _Gram(torch.autograd.Function):
-    """G = A^T A, whose backward is one product: dL/dA = A (dG + dG^T).
+class _SquaredNorms(torch.autograd.Function):
+    """||W s||^2 for every row s of S (N, hidden), through the Gram matrix G = W^T W.
 
-    autograd would treat A^T and A as two operands and pay two (rows x n x n) products.
+    Four products in all: G and S G forward; S^T diag(g) S and W times it backward, with
+    dL/dS = 2 g (S G) read off the forward's S G because G is symmetric. Autograd, seeing
+    W^T, W and G as unrelated operands, would pay two more (N x hidden x hidden and
+    rows x hidden x hidden).
     """
 
     @staticmethod
-    def forward(ctx, a):
-        ctx.save_for_backward(a)
-        return a.t() @ a
+    def forward(ctx, s, weight):
+        sg = s @ (weight.t() @ weight)  # (N, hidden)
+        ctx.save_for_backward(s, weight, sg)
+        return (sg * s).sum(-1)
 
     @staticmethod
     def backward(ctx, grad):
-        (a,) = ctx.saved_tensors
-        return a @ (grad + grad.t())
+        s, weight, sg = ctx.saved_tensors
+        grad = grad.unsqueeze(-1)  # (N, 1)
+        d_s = 2 * grad * sg if ctx.needs_input_grad[0] else None
+        d_weight = weight @ (s.t() @ (2 * grad * s)) if ctx.needs_input_grad[1] else None
+        return d_s, d_weight
 
 
 class Decoder(nn.Module):
     """Autoencoder head: each state is decoded to an image increment.
 
-    d_t = W h_t + b,   x_hat_t = sum_{tau <= t} d_tau = W (sum_{tau <= t} h_tau) + t b
+    d_t = W h_t + b,   x_hat_t = sum_{tau <= t} d_tau = W s_t + t b,   s_t = h_1 + ... + h_t
 
     The decoder is linear, so training never needs the canvases x_hat_t: `errors` gets every
-    step's squared error from 256-wide vectors (the Gram form below). The canvases are built
-    only where someone looks at them (`forward` for the plots, `final` for evaluation).
+    step's squared error from hidden-wide vectors (the Gram form below). The canvases are
+    built only where someone looks at them (`forward`, for the plots and the tests).
 
     Args of forward:
         h: (T, B, hidden_size) states of all steps.
         locations: (T, B, 2) where each glimpse was taken; unused here, taken so that every
             decoder is called alike (WritingDecoder needs them).
+        last_only: the last canvas alone.
     Returns:
-        x_hat: (T, B, C, H, W) cumulative predictions after each step.
+        x_hat: (T, B, C, H, W) cumulative predictions after each step; (1, B, C, H, W), x_hat_T,
+            with `last_only`.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -683,41 +692,34 @@ class Decoder(nn.Module):
         self.shape = (cfg.num_channels, cfg.image_size, cfg.image_size)
         self.fc = nn.Linear(cfg.hidden_size, cfg.image_numel)
 
-    def _augmented(self, h, last_only=False):
-        """The bias enters x_hat_t t times: append t to each summed state and b to W.
-
-        Returns:
-            z: (T, B, hidden_size + 1), [s_t, t] with s_t = h_1 + ... + h_t; (1, B, ...), the
-                last step's alone, with `last_only`.
-            weight: (C*H*W, hidden_size + 1), [W, b]; so that x_hat_t = weight z_t.
-        """
-        T, B, _ = h.shape
+    @staticmethod
+    def _summed(h, last_only=False):
+        """The summed states s_t (T, B, hidden) and the number of steps t in each (T, 1, 1);
+        the last step's alone, (1, B, hidden) and (1, 1, 1), with `last_only`. Summing the
+        states instead of the images makes the cumulative sum and its backward 12 times
+        smaller in the seed configuration."""
+        T = h.shape[0]
         if last_only:
-            summed, steps = h.sum(0, keepdim=True), torch.full((1, 1, 1), float(T))
-        else:
-            summed, steps = h.cumsum(0), torch.arange(1, T + 1, dtype=h.dtype).view(T, 1, 1)
-        t = steps.to(h.device, h.dtype).expand(summed.shape[0], B, 1)  # (T or 1, B, 1)
-        weight = torch.cat([self.fc.weight, self.fc.bias.unsqueeze(1)], 1)  # (CHW, hidden + 1)
-        return torch.cat([summed, t], -1), weight
+            return h.sum(0, keepdim=True), h.new_full((1, 1, 1), float(T))
+        return h.cumsum(0), torch.arange(1, T + 1, device=h.device, dtype=h.dtype).view(T, 1, 1)
 
-    def forward(self, h, locations=None):
-        T, B, _ = h.shape
-        # Summing the states (T, B, hidden) instead of the images (T, B, C*H*W) makes the
-        # cumulative sum and its backward 12x smaller in the seed configuration.
-        z, weight = self._augmented(h)
-        out = F.linear(z, weight)  # (T, B, C*H*W)
-        return out.view(T, B, *self.shape)
+    def forward(self, h, locations=None, last_only=False):
+        summed, t = self._summed(h, last_only)
+        out = F.linear(summed, self.fc.weight) + t * self.fc.bias  # (T', B, C*H*W)
+        return out.view(*summed.shape[:2], *self.shape)
 
     def errors(self, h, x, last_only=False, locations=None):
         """Mean squared error of every step's prediction, without building the predictions.
 
-        With z_t = [s_t, t] and A = [W, b], x_hat_t = A z_t, so for each image
-            ||x_hat_t - x||^2 = z_t^T (A^T A) z_t - 2 z_t^T (A^T x) + ||x||^2.
-        A^T A is (hidden+1)^2 and made once per batch, A^T x once per image (not once per
-        path when several paths look at it); each step then costs hidden-wide products instead
-        of a (hidden x C*H*W) one and a C*H*W-wide difference. Computed in float32 whatever
-        the autocast: ||x||^2 is about 15 times the error in the seed configuration, so the
-        terms cancel and bf16 would lose the result.
+        For each image x and step t, with u = W^T x:
+            ||W s_t + t b - x||^2 = ||W s_t||^2 + 2t s_t.(W^T b) + t^2 ||b||^2
+                                    - 2 s_t.u - 2t b.x + ||x||^2
+        ||W s_t||^2 goes through the hidden x hidden Gram matrix W^T W, made once per batch
+        (_SquaredNorms); u once per image (not once per path when several paths look at it);
+        each step then costs hidden-wide products instead of a (hidden x C*H*W) one and a
+        C*H*W-wide difference. Computed in float32 whatever the autocast: ||x||^2 is about 15
+        times the error in the seed configuration, so the terms cancel and bf16 would lose the
+        result.
 
         Args:
             h: (T, P*B, hidden_size) states of all steps of P paths over the B images, path p
@@ -730,27 +732,28 @@ class Decoder(nn.Module):
             (1, P*B) with `last_only`.
         """
         with torch.autocast(h.device.type, enabled=False):
-            z, weight = self._augmented(h.float(), last_only)  # (T', P*B, hidden+1)
-            weight = weight.float()
-            z = z.view(z.shape[0], -1, x.shape[0], z.shape[-1])  # (T', P, B, hidden+1)
+            summed, t = self._summed(h.float(), last_only)  # (T', P*B, hidden), (T', 1, 1)
+            weight, bias = self.fc.weight.float(), self.fc.bias.float()
             flat = x.float().flatten(1)  # (B, CHW)
-            gram = _Gram.apply(weight)  # (hidden+1, hidden+1)
-            projected = flat @ weight  # (B, hidden+1)
-            quadratic = ((z @ gram) * z).sum(-1)  # (T', P, B)
-            cross = (z * projected).sum(-1)  # (T', P, B)
-            squared = quadratic - 2 * cross + flat.pow(2).sum(-1)  # (T', P, B)
+            T, B, hidden = summed.shape[0], flat.shape[0], summed.shape[-1]
+            s = summed.view(T, -1, B, hidden)  # (T', P, B, hidden)
+            squares = _SquaredNorms.apply(summed.view(-1, hidden), weight).view(T, -1, B)
+            with_bias = s @ (weight.t() @ bias)  # s_t . W^T b, (T', P, B)
+            with_image = (s * (flat @ weight)).sum(-1)  # s_t . u, (T', P, B)
+            squared = (squares + 2 * t * with_bias + t**2 * bias.pow(2).sum()
+                       - 2 * with_image - 2 * t * (flat @ bias) + flat.pow(2).sum(-1))
         # Rounding can leave a perfect prediction a hair below zero; an error is never negative.
         return (squared.clamp(min=0) / flat.shape[1]).flatten(1)  # (T', P*B)
 
     def direct_errors(self, h, x, last_only=False, locations=None):
         """The same errors as `errors`, from the built predictions x_hat_t.
 
-        (T, P*B, C*H*W) canvases and their differences: the path a non-linear decoder takes
-        (WritingDecoder), and the reference the tests hold the Gram form to.
+        (T, P*B, C*H*W) canvases and their differences (one canvas per column with
+        `last_only`): the path a non-linear decoder takes (WritingDecoder), and the reference
+        the tests hold the Gram form to.
         """
         with torch.autocast(h.device.type, enabled=False):
-            recon = self(h.float(), locations)  # (T, P*B, C, H, W)
-            recon = recon[-1:] if last_only else recon
+            recon = self(h.float(), locations, last_only)  # (T', P*B, C, H, W)
             target = x.float().repeat(h.shape[1] // x.shape[0], 1, 1, 1)  # (P*B, C, H, W)
             return (recon - target).pow(2).flatten(-3).mean(-1)
 
@@ -770,7 +773,8 @@ class WritingDecoder(Decoder):
     back exactly where it was seen, wherever that was; the linear decoder W h_t can only put it
     where glimpses usually are, which is what a policy that moves glimpses between images costs
     it. The prediction is no longer linear in the summed states, so there is no Gram form:
-    `errors` builds the T canvases (`direct_errors`), in float32.
+    `errors` builds the T canvases (`direct_errors`), in float32; evaluation, which asks for
+    the last step's error alone, gets one canvas per column.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -807,29 +811,35 @@ class WritingDecoder(Decoder):
         return torch.stack([flat(ys, xs), flat(ys, right), flat(bottom, xs),
                             flat(bottom, right)], 1)
 
-    def written(self, h, locations):
+    def written(self, h, locations, summed=False):
         """R_{l_t}^T (V h_t) for every step and column: (T, N, hidden), (T, N, 2) ->
-        (T, N, C, H, W).
+        (T, N, C, H, W); with `summed`, their sum over the steps, (1, N, C, H, W).
 
         The retina's value of a cell is the mean of the f x f padded pixels it pooled, so the
         adjoint adds value / f^2 to each of them. That is done for all cells at once with a
         difference array: +v at the box's top-left and bottom-right corners, -v at the other
-        two, then a cumulative sum down and one across fill every box."""
+        two, then a cumulative sum down and one across fill every box. Summed, every step's
+        cells go into their column's one array, so only one canvas per column is built."""
         cfg, side, size = self.cfg, self.side, self.cfg.image_size
         T, N, _ = h.shape
         values = (self.fc_write(h).view(T * N, cfg.num_patches, -1) * self.inv_area).flatten(1)
         centre = location_to_pixels(locations.detach().flatten(0, 1), size)  # (T*N, 2)
-        signed = torch.stack([values, -values, -values, values], 1)  # (T*N, 4, k*C*g*g)
-        spread = values.new_zeros(T * N, cfg.num_channels * side**2).scatter_add(
-            1, self._corners(centre).flatten(1), signed.flatten(1))
-        canvas = self.fill @ spread.view(T * N, cfg.num_channels, side, side) @ self.fill.T
-        return canvas.view(T, N, cfg.num_channels, size, size)
+        signed = torch.stack([values, -values, -values, values], 1).view(T, N, -1)
+        corners = self._corners(centre).view(T, N, -1)  # (T, N, 4*k*C*g*g), as `signed`
+        if summed:
+            signed, corners = (a.transpose(0, 1).reshape(1, N, -1) for a in (signed, corners))
+        spread = values.new_zeros(len(signed) * N, cfg.num_channels * side**2).scatter_add(
+            1, corners.flatten(0, 1), signed.flatten(0, 1))
+        canvas = self.fill @ spread.view(-1, cfg.num_channels, side, side) @ self.fill.T
+        return canvas.view(len(signed), N, cfg.num_channels, size, size)
 
     def steps(self, h, locations=None):
         return super().steps(h) + self.written(h, locations)
 
-    def forward(self, h, locations=None):
-        return self.steps(h, locations).cumsum(0)
+    def forward(self, h, locations=None, last_only=False):
+        written = self.written(h, locations, summed=last_only)
+        return super().forward(h, last_only=last_only) + (
+            written if last_only else written.cumsum(0))
 
     def errors(self, h, x, last_only=False, locations=None):
         return self.direct_errors(h, x, last_only, locations)

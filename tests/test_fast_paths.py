@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT
 from model import LossWeights, RecurrentAttention, compute_losses
-from modules import ModelConfig
+from modules import ModelConfig, _SquaredNorms
 from utils import autocast
 
 SMALL = ModelConfig(glimpse_hidden=16, loc_hidden=16, hidden_size=32, num_glimpses=3)
@@ -94,6 +94,16 @@ def test_gram_form_gives_the_losses_and_gradients_of_the_built_canvases(objectiv
     assert "decoder.fc.weight" in gram_grads and "decoder.fc.bias" in gram_grads
     for name, grad in gram_grads.items():
         torch.testing.assert_close(grad, direct_grads[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_the_squared_norms_backward_is_autograds():
+    # _SquaredNorms writes its backward by hand (G = W^T W is symmetric); gradcheck holds it to
+    # finite differences in float64, for both operands.
+    torch.manual_seed(0)
+    s = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(_SquaredNorms.apply(s, weight), (s @ weight.t()).pow(2).sum(-1))
+    assert torch.autograd.gradcheck(_SquaredNorms.apply, (s, weight))
 
 
 def test_gram_form_stays_in_float32_under_amp():

@@ -73,6 +73,18 @@ def test_with_nothing_written_it_is_the_linear_decoder_and_its_errors_are_the_ca
     torch.testing.assert_close(decoder.errors(h, x, last_only=True, locations=l), expected[-1:])
 
 
+@pytest.mark.parametrize("decoder_class", [Decoder, WritingDecoder])
+def test_the_last_canvas_alone_is_the_last_of_all_canvases(decoder_class):
+    # Evaluation builds x_hat_T alone (the writing decoder sums every step's cells into one
+    # difference array); it must be the last of the T canvases that training builds.
+    torch.manual_seed(0)
+    decoder = decoder_class(ModelConfig(**SMALL, write="glimpse"))
+    h, l = torch.randn(3, 8, 32), torch.rand(3, 8, 2) * 2 - 1
+    last = decoder(h, l, last_only=True)
+    assert last.shape == (1, 8, 3, 32, 32)
+    torch.testing.assert_close(last, decoder(h, l)[-1:], rtol=1e-5, atol=1e-5)
+
+
 def test_the_writing_model_trains_its_write_and_never_moves_the_policy_through_it():
     cfg = ModelConfig(**SMALL, write="glimpse")
     model = RecurrentAttention(cfg)
