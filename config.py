@@ -13,6 +13,7 @@ from modules import (
     BASELINES,
     CORES,
     GLIMPSE_ENCODERS,
+    LOCATION_GRADS,
     OBJECTIVES,
     POLICIES,
     POLICY_INPUTS,
@@ -139,6 +140,12 @@ def _policy_flags(core):
                       "per-glimpse offset that starts at the grid scan (grid_prior); or the "
                       "state and the index, moving the mean of each glimpse only inside its "
                       "cell of the fixed grid scan (grid_local)")
+    core.add_argument("--location_grad", choices=LOCATION_GRADS, default="none",
+                      help="how the learned policy learns: REINFORCE alone (none, RAM's); or "
+                      "also from every loss's gradient (pathwise): the location is the "
+                      "policy's mean plus its noise, and the sensor reads between pixels, "
+                      "bilinearly, so the glimpse is differentiable in it (not with "
+                      "--write=glimpse; --reinforce_weight=0 leaves the gradient alone)")
     core.add_argument("--baseline", choices=BASELINES, default="shared",
                       help="REINFORCE's value estimate: one linear head for every step (shared) "
                       "or one head per step (per_step)")
@@ -416,7 +423,7 @@ def model_config(args, data=None, **overrides):
         "patch_size", "glimpse_scale", "num_patches", "glimpse_hidden", "loc_hidden",
         "hidden_size", "num_glimpses", "std", "std_final", "policy_epochs", "policy",
         "objective", "reward", "baseline", "probe_input", "policy_input", "core",
-        "glimpse_encoder", "write")}
+        "glimpse_encoder", "write", "location_grad")}
     spec = data_spec(args)
     for name, value in spec.model_defaults().items():
         if chosen[name] is None:
@@ -452,8 +459,8 @@ def model_name(cfg: ModelConfig):
     """ram_[<dataset>_]<glimpses>_<g>x<g>_<scale> (the dataset's tag where it is not cifar10),
     then _k<patches>, _<objective>, _nodecoder (pure RAM), _<policy> and the reward,
     baseline, probe, policy-input, core and glimpse-encoder options, each where it is not the
-    default, then _write<where>, _stdfinal<value> and _policyepochs<N> where those flags are
-    given."""
+    default, then _write<where>, _pathwise, _stdfinal<value> and _policyepochs<N> where those
+    flags are given."""
     prefix = "ram" if cfg.dataset == ModelConfig.dataset else f"ram_{cfg.dataset}"
     name = f"{prefix}_{cfg.num_glimpses}_{cfg.patch_size}x{cfg.patch_size}_{cfg.glimpse_scale}"
     if cfg.num_patches != ModelConfig.num_patches:
@@ -471,6 +478,8 @@ def model_name(cfg: ModelConfig):
             name += f"_{getattr(cfg, option)}"
     if cfg.write != ModelConfig.write:
         name += f"_write{cfg.write}"
+    if cfg.location_grad != ModelConfig.location_grad:
+        name += f"_{cfg.location_grad}"
     if cfg.std_final is not None:
         name += f"_stdfinal{cfg.std_final:g}"
     if cfg.policy_epochs is not None:

@@ -53,6 +53,7 @@ class ModelConfig:
     pixel_std: tuple = CIFAR10_STD
     decoder: bool = True  # False: pure RAM, no reconstruction at all (it costs nothing)
     write: str = "none"  # "glimpse": the decoder also writes at the glimpse (WritingDecoder)
+    location_grad: str = "none"  # "pathwise": the losses' gradient reaches the locations too
 
     def __post_init__(self):
         for name in ("image_size", "num_channels", "num_classes", "patch_size", "glimpse_scale",
@@ -78,6 +79,7 @@ class ModelConfig:
         self._check_policy_schedule()
         if self.write not in WRITES:
             raise ValueError(f"--write must be one of {', '.join(WRITES)}, got {self.write!r}")
+        self._check_location_grad()
         if self.write != "none" and not self.decoder:
             raise ValueError("--write=glimpse writes the decoder's increments: pure RAM "
                              "(--recon_weight=0 under supervised) has no decoder")
@@ -103,6 +105,20 @@ class ModelConfig:
             if getattr(self, name) is not None and self.policy != "learned":
                 raise ValueError(f"--{name} is for the learned policy; --policy={self.policy} "
                                  f"does not learn: leave --{name} out")
+
+    def _check_location_grad(self):
+        """--location_grad=pathwise: for a learned policy read by the sensor alone."""
+        if self.location_grad not in LOCATION_GRADS:
+            raise ValueError(f"--location_grad must be one of {', '.join(LOCATION_GRADS)}, "
+                             f"got {self.location_grad!r}")
+        if self.location_grad == "none":
+            return
+        if self.policy != "learned":
+            raise ValueError(f"--location_grad=pathwise trains the learned policy; --policy="
+                             f"{self.policy} has nothing to train: leave --location_grad out")
+        if self.write != "none":
+            raise ValueError("--location_grad=pathwise reads between pixels, and --write=glimpse "
+                             "writes at the pixel: use one of them")
 
     @property
     def patch_sizes(self):
@@ -130,6 +146,9 @@ PROBE_INPUTS = ("summed", "last")
 POLICY_INPUTS = ("state", "state_step", "grid_prior", "grid_local")
 GLIMPSE_ENCODERS = ("linear", "conv")  # the first layer of the "what" pathway
 WRITES = ("none", "glimpse")  # where the decoder writes: see Decoder and WritingDecoder
+# How the learned policy learns: "none", RAM's REINFORCE alone (a location is an action);
+# "pathwise", also the losses' own gradient, through a sensor that reads between pixels.
+LOCATION_GRADS = ("none", "pathwise")
 CONV_CHANNELS = 32  # feature maps of each convolution of the conv glimpse encoder
 
 
@@ -302,18 +321,46 @@ class Retina(nn.Module):
             l: (P*B, 2) locations in [-1, 1], P paths per image: row p*B + b looks at image b.
 
         Returns:
-            (P*B, k, C, g, g) pooled patches.
+            (P*B, k, C, g, g) pooled patches; differentiable in `l` with location_grad=pathwise
+            (`_between_pixels`).
         """
         cfg = self.cfg
+        if cfg.location_grad == "pathwise":
+            phi = self._between_pixels(prepared, l)
+        else:
+            centre = location_to_pixels(l, cfg.image_size)  # (N, (x, y))
+            cell = centre[:, 1] * (cfg.image_size + 1) + centre[:, 0]  # (N,)
+            phi = self._box_sums(prepared, cell.unsqueeze(1)).squeeze(1)  # (N, k*C*g*g)
+        k, C, g = cfg.num_patches, cfg.num_channels, cfg.patch_size
+        return phi.view(-1, k, C, g, g) * self.inv_area  # box sums -> means
+
+    def _box_sums(self, prepared, cells):
+        """The glimpses' box sums at centre pixels `cells` (N, m), row cy * (S + 1) + cx of
+        the index table, m of them per column: (N, m, k*C*g*g)."""
         B, C, L = prepared.shape
-        N, k, g = l.shape[0], cfg.num_patches, cfg.patch_size
-        centre = location_to_pixels(l, cfg.image_size)  # (N, (x, y))
-        cell = centre[:, 1] * (cfg.image_size + 1) + centre[:, 0]  # (N,)
-        index = self.index_table.index_select(0, cell)  # (N, k*C*g*g)
+        N, m = cells.shape
+        index = self.index_table.index_select(0, cells.flatten())  # (N*m, k*C*g*g)
         # The paths read the same prepared images: a stride-0 view, never a copy per path.
         source = prepared.view(1, B, C * L).expand(N // B, B, C * L)  # (P, B, C*L)
-        phi = source.gather(2, index.view(N // B, B, -1))  # (P, B, k*C*g*g) box sums
-        return phi.view(N, k, C, g, g) * self.inv_area  # box sums -> means
+        return source.gather(2, index.view(N // B, B, -1)).view(N, m, -1)
+
+    def _between_pixels(self, prepared, l):
+        """Box sums at the real-valued centre p = (l + 1) S / 2, not rounded to a pixel: those
+        of its 4 neighbouring centre pixels, weighted bilinearly. A box sum is linear in the
+        image, so this is exactly the pixel sensor on the image shifted by p's fraction of a
+        pixel (linearly interpolated), and it is differentiable in l. At a whole pixel it equals
+        the pixel sensor; `location_to_pixels` (the plots, the distinct-glimpse count) rounds
+        down, so a drawn box may sit up to a pixel before the one read. (N, k*C*g*g)."""
+        size = self.cfg.image_size
+        p = (l.to(torch.promote_types(l.dtype, torch.float32)) + 1) * (size / 2)  # (N, (x, y))
+        base = p.detach().floor().clamp_(0, size - 1)  # the neighbours are base and base + 1
+        fx, fy = (p - base).unbind(-1)  # (N,) each, in [0, 1]
+        base = base.long()
+        cell = base[:, 1] * (size + 1) + base[:, 0]  # (N,)
+        step = torch.tensor([0, 1, size + 1, size + 2], device=l.device)  # +x, +y, both
+        sums = self._box_sums(prepared, cell.unsqueeze(1) + step)  # (N, 4, k*C*g*g)
+        weights = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], 1)
+        return (weights.to(sums.dtype).unsqueeze(1) @ sums).squeeze(1)
 
 
 class ConvGlimpseEncoder(nn.Module):
@@ -462,17 +509,21 @@ class LocationNetwork(nn.Module):
     where the policy aims (l = mu, no noise) with log pi = 0, so REINFORCE gives the policy no
     gradient and the rest of the model trains, and is tested, on the exact paths it will take.
 
-    The state is detached, so the policy learns only through the REINFORCE term and never
-    pushes gradient into the core. The sample is detached: it is an action, not a function
-    of the weights. The log-probability is that of the raw sample; the clamp is treated as part
-    of the environment, which keeps the score-function estimate unbiased.
+    The state is detached, so the policy never pushes gradient into the core. The sample is
+    detached: it is an action, not a function of the weights, and the policy learns through
+    the REINFORCE term alone. With `location_grad=pathwise` the location handed on is mu +
+    std * noise itself (reparameterised), and the sensor reads between pixels (Retina), so
+    every loss's gradient also reaches the policy through the glimpses it chose; log pi is
+    still that of the detached sample, REINFORCE's term unchanged (--reinforce_weight=0 drops
+    it). The log-probability is that of the raw sample; the clamp is treated as part of the
+    environment, which keeps the score-function estimate unbiased.
 
     Every policy in POLICIES is called alike. Args of forward:
         h: (B, hidden_size) state the choice is made in.
         t: index of the glimpse being placed, 0 for the first.
         noise: (B, 2) standard normal draws to use instead of fresh ones, or None.
     Returns:
-        l: (B, 2) detached location in [-1, 1].
+        l: (B, 2) location in [-1, 1], detached unless pathwise.
         log_pi: (B,) log-probability of the sample under the policy.
         mu: (B, 2) detached mean of the policy.
     """
@@ -487,6 +538,7 @@ class LocationNetwork(nn.Module):
             self.exploring = True
         else:  # in the state_dict: a checkpoint knows whether its policy was still learning
             self.register_buffer("exploring", torch.tensor(True))
+        self.pathwise = cfg.location_grad == "pathwise"
         width = max(1, cfg.hidden_size // 2)
         self.fc = nn.Linear(cfg.hidden_size, width)
         self.fc_mu = nn.Linear(width, 2)
@@ -518,14 +570,16 @@ class LocationNetwork(nn.Module):
             mu = mu.detach()
             return mu.clamp(-1.0, 1.0), mu.new_zeros(mu.shape[0]), mu
         noise = torch.randn_like(mu) if noise is None else noise.to(mu.dtype)
-        sample = (mu + self.std * noise).detach()  # (B, 2)
+        drawn = mu + self.std * noise  # (B, 2); reparameterised: a function of mu
+        sample = drawn.detach()
         # log N(sample; mu, std^2) per axis, summed; written out rather than through
         # torch.distributions, whose argument checks would raise on NaN instead of letting
         # the trainer's finite-loss guard report where it happened.
         log_std = self.std.log() if torch.is_tensor(self.std) else math.log(self.std)
         log_pi = (-0.5 * ((sample - mu) / self.std) ** 2
                   - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)  # (B,)
-        return sample.clamp(-1.0, 1.0), log_pi, mu.detach()
+        used = drawn if self.pathwise else sample
+        return used.clamp(-1.0, 1.0), log_pi, mu.detach()
 
 
 class FixedPolicy(nn.Module):

@@ -52,7 +52,7 @@ from utils import (
 OLDER_MODEL_CONFIG = {"reward": "sum", "baseline": "shared", "probe_input": "last",
                       "policy_input": "state", "dataset": "cifar10", "decoder": True,
                       "core": "rnn", "glimpse_encoder": "linear", "std_final": None,
-                      "policy_epochs": None, "write": "none"}
+                      "policy_epochs": None, "write": "none", "location_grad": "none"}
 # What a run written before a TrainConfig field existed did: the plateau schedule, no augmentation.
 OLDER_TRAIN_CONFIG = {"schedule": "plateau", "augment": False}
 METRICS_NAME = "metrics.jsonl"  # one JSON line per epoch in the run's checkpoint folder

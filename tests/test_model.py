@@ -152,9 +152,9 @@ def grads_of(model, loss):
             for (name, p), g in zip(params.items(), grads, strict=True)}
 
 
-def rollout_and_losses(objective, labels, seed=0):
+def rollout_and_losses(objective, labels, seed=0, **options):
     torch.manual_seed(seed)
-    cfg = ModelConfig(**SMALL, objective=objective)
+    cfg = ModelConfig(**SMALL, objective=objective, **options)
     model = RecurrentAttention(cfg)
     x = torch.rand(8, 3, 32, 32)
     out = model(x)
@@ -172,6 +172,27 @@ def test_location_network_learns_only_from_reinforce(objective):
     assert all((grads[n] == 0).all() for n in grads if not n.startswith("locator."))
 
 
+@pytest.mark.parametrize("objective, term", [("unsupervised", "recon"),
+                                             ("supervised", "classify")])
+def test_a_pathwise_policy_also_learns_from_the_losses_through_its_glimpses(objective, term):
+    """--location_grad=pathwise: the objective's loss reaches the policy's weights, through
+    the locations it chose; REINFORCE's term still trains the policy alone."""
+    model, losses = rollout_and_losses(objective, torch.arange(8) % 10,
+                                       location_grad="pathwise", policy_input="grid_prior")
+    grads = grads_of(model, losses[term])
+    assert (grads["locator.prior"] != 0).any() and (grads["locator.fc_mu.weight"] != 0).any()
+    assert (grads_of(model, losses["baseline"])["locator.prior"] == 0).all()
+    assert all((g == 0).all() for n, g in grads_of(model, losses["reinforce"]).items()
+               if not n.startswith("locator."))
+
+
+def test_pathwise_is_for_a_learned_policy_read_by_the_sensor_alone():
+    with pytest.raises(ValueError, match="nothing to train"):
+        ModelConfig(location_grad="pathwise", policy="grid")
+    with pytest.raises(ValueError, match="write"):
+        ModelConfig(location_grad="pathwise", write="glimpse")
+
+
 def test_baseline_learns_only_from_its_own_loss():
     model, losses = rollout_and_losses("unsupervised", torch.arange(8) % 10)
     for term in ("recon", "classify", "reinforce"):
@@ -180,12 +201,13 @@ def test_baseline_learns_only_from_its_own_loss():
     assert (grads_of(model, losses["baseline"])["baseline.fc.weight"] != 0).any()
 
 
-def test_unsupervised_labels_reach_only_the_probe():
+@pytest.mark.parametrize("location_grad", ["none", "pathwise"])
+def test_unsupervised_labels_reach_only_the_probe(location_grad):
     y1 = torch.arange(8) % 10
     y2 = (y1 + 3) % 10
-    model, losses1 = rollout_and_losses("unsupervised", y1)
+    model, losses1 = rollout_and_losses("unsupervised", y1, location_grad=location_grad)
     g1 = grads_of(model, losses1["total"])
-    model, losses2 = rollout_and_losses("unsupervised", y2)
+    model, losses2 = rollout_and_losses("unsupervised", y2, location_grad=location_grad)
     g2 = grads_of(model, losses2["total"])
     probe = [n for n in g1 if n.startswith("classifier.")]
     others = [n for n in g1 if not n.startswith("classifier.")]

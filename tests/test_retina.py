@@ -1,5 +1,7 @@
 """The glimpse sensor takes exactly the pixels a hand computation says it should."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -147,3 +149,48 @@ def test_index_table_stays_out_of_the_checkpoint_but_moves_with_the_module():
     assert retina.index_table.dtype == torch.int64 and torch.equal(retina.index_table, table)
     retina.to("meta")
     assert retina.index_table.device.type == "meta"
+
+
+def shifted(image, fx, fy):
+    """The image moved by (fx, fy) of a pixel towards the top left, linearly interpolated, on a
+    canvas one pixel larger each side (the moved image reaches one pixel before the first):
+    pixel (y, x) of the result is the image's (y - 1 + fy, x - 1 + fx), zeros outside it."""
+    padded = F.pad(image, (1, 1, 1, 1))
+    right = F.pad(padded[..., :, 1:], (0, 1))  # pixel (y, x) holds (y, x + 1)
+    rows = (1 - fx) * padded + fx * right
+    below = F.pad(rows[..., 1:, :], (0, 0, 0, 1))
+    return (1 - fy) * rows + fy * below
+
+
+@pytest.mark.parametrize("cfg", [ModelConfig(location_grad="pathwise"),
+                                 ModelConfig(image_size=28, num_channels=1, patch_size=8,
+                                             num_patches=1, pixel_mean=(0.0,), pixel_std=(1.0,),
+                                             location_grad="pathwise")])
+def test_between_pixels_is_a_crop_of_the_subpixel_shifted_image(cfg):
+    """location_grad=pathwise: a centre p = c + f between pixels reads the crops around c of
+    the image moved by f, near the borders and in the middle alike."""
+    torch.manual_seed(2)
+    size = cfg.image_size
+    images = torch.rand(5, cfg.num_channels, size, size, dtype=torch.float64)
+    pixels = torch.tensor([[0, 0], [16, 9], [size - 1, 3], [7, size - 1], [size - 1, size - 1]])
+    fraction = torch.tensor([[0.25, 0.5], [0.75, 0.1], [0.5, 0.9], [0.0, 0.6], [0.3, 0.3]])
+    phi = glimpse(cfg, images, (pixels + fraction) / (size / 2) - 1)
+    for b, (cx, cy) in enumerate(pixels.tolist()):
+        moved = shifted(images[b], *fraction[b].tolist())  # pixel c of the image is c + 1 here
+        for i, side in enumerate(cfg.patch_sizes):
+            expected = crop_and_pool(moved, cx + 1, cy + 1, side, side // cfg.patch_size)
+            assert torch.allclose(phi[b, i], expected, atol=1e-10), (b, side)
+
+
+def test_between_pixels_equals_the_pixel_sensor_on_whole_pixels_and_has_a_gradient():
+    cfg = ModelConfig(location_grad="pathwise")
+    torch.manual_seed(3)
+    images = torch.rand(4, 3, 32, 32, dtype=torch.float64)
+    whole = torch.tensor([[0.0, 0.0], [-1.0, 1.0], [0.5, -0.25], [1.0, 1.0]], dtype=torch.float64)
+    plain = dataclasses.replace(cfg, location_grad="none")
+    assert torch.allclose(glimpse(cfg, images, whole), glimpse(plain, images, whole))
+    retina = Retina(cfg).double()
+    prepared = retina.prepare(images)
+    l = torch.tensor([[0.13, -0.41], [0.52, 0.27], [-0.71, 0.05], [0.33, 0.66]],
+                     dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda l: retina(prepared, l), (l,))
