@@ -144,8 +144,8 @@ def _policy_flags(core):
                       help="how the learned policy learns: REINFORCE alone (none, RAM's); or "
                       "also from every loss's gradient (pathwise): the location is the "
                       "policy's mean plus its noise, and the sensor reads between pixels, "
-                      "bilinearly, so the glimpse is differentiable in it (not with "
-                      "--write=glimpse; --reinforce_weight=0 leaves the gradient alone)")
+                      "bilinearly, so the glimpse is differentiable in it (and --write=glimpse "
+                      "writes bilinearly; --reinforce_weight=0 leaves the gradient alone)")
     core.add_argument("--baseline", choices=BASELINES, default="shared",
                       help="REINFORCE's value estimate: one linear head for every step (shared) "
                       "or one head per step (per_step)")

@@ -107,7 +107,7 @@ class ModelConfig:
                                  f"does not learn: leave --{name} out")
 
     def _check_location_grad(self):
-        """--location_grad=pathwise: for a learned policy read by the sensor alone."""
+        """--location_grad=pathwise: for a learned policy."""
         if self.location_grad not in LOCATION_GRADS:
             raise ValueError(f"--location_grad must be one of {', '.join(LOCATION_GRADS)}, "
                              f"got {self.location_grad!r}")
@@ -116,9 +116,6 @@ class ModelConfig:
         if self.policy != "learned":
             raise ValueError(f"--location_grad=pathwise trains the learned policy; --policy="
                              f"{self.policy} has nothing to train: leave --location_grad out")
-        if self.write != "none":
-            raise ValueError("--location_grad=pathwise reads between pixels, and --write=glimpse "
-                             "writes at the pixel: use one of them")
 
     @property
     def patch_sizes(self):
@@ -180,6 +177,27 @@ def location_to_pixels(l, image_size):
     half = image_size / 2.0
     centre = l.detach().float().mul(half).add_(half).floor_()  # in place: one temporary
     return centre.long().clamp_(0, image_size)
+
+
+def pixel_neighbours(l, image_size):
+    """The 4 centre pixels around the real-valued centre p = (l + 1) S / 2, and their bilinear
+    weights: what a glimpse between pixels (location_grad=pathwise) is made of.
+
+    Args:
+        l: (N, 2) locations (x, y) in [-1, 1].
+        image_size: side of the square image in pixels.
+
+    Returns:
+        (N, 4, 2) long pixel centres in [0, image_size], in the order c, c + (1, 0),
+        c + (0, 1), c + (1, 1) with c the pixel at or before p, and (N, 4) weights, summing to
+        1, differentiable in l (in l's precision, at least float32).
+    """
+    p = (l.to(torch.promote_types(l.dtype, torch.float32)) + 1) * (image_size / 2)  # (N, 2)
+    base = p.detach().floor().clamp_(0, image_size - 1)  # the neighbours are base and base + 1
+    fx, fy = (p - base).unbind(-1)  # (N,) each, in [0, 1]
+    step = torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1]], device=l.device)  # (4, (x, y))
+    weights = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], 1)
+    return base.long().unsqueeze(1) + step, weights
 
 
 def patch_corners(l, image_size, patch_sizes):
@@ -346,21 +364,16 @@ class Retina(nn.Module):
 
     def _between_pixels(self, prepared, l):
         """Box sums at the real-valued centre p = (l + 1) S / 2, not rounded to a pixel: those
-        of its 4 neighbouring centre pixels, weighted bilinearly. A box sum is linear in the
-        image, so this is exactly the pixel sensor on the image shifted by p's fraction of a
-        pixel (linearly interpolated), and it is differentiable in l. At a whole pixel it equals
-        the pixel sensor; `location_to_pixels` (the plots, the distinct-glimpse count) rounds
-        down, so a drawn box may sit up to a pixel before the one read. (N, k*C*g*g)."""
+        of its 4 neighbouring centre pixels, weighted bilinearly (pixel_neighbours). A box sum
+        is linear in the image, so this is exactly the pixel sensor on the image shifted by p's
+        fraction of a pixel (linearly interpolated), and it is differentiable in l. At a whole
+        pixel it equals the pixel sensor; `location_to_pixels` (the plots, the distinct-glimpse
+        count) rounds down, so a drawn box may sit up to a pixel before the one read.
+        (N, k*C*g*g)."""
         size = self.cfg.image_size
-        p = (l.to(torch.promote_types(l.dtype, torch.float32)) + 1) * (size / 2)  # (N, (x, y))
-        base = p.detach().floor().clamp_(0, size - 1)  # the neighbours are base and base + 1
-        fx, fy = (p - base).unbind(-1)  # (N,) each, in [0, 1]
-        base = base.long()
-        cell = base[:, 1] * (size + 1) + base[:, 0]  # (N,)
-        step = torch.tensor([0, 1, size + 1, size + 2], device=l.device)  # +x, +y, both
-        sums = self._box_sums(prepared, cell.unsqueeze(1) + step)  # (N, 4, k*C*g*g)
-        weights = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], 1)
-        return (weights.to(sums.dtype).unsqueeze(1) @ sums).squeeze(1)
+        centres, weights = pixel_neighbours(l, size)  # (N, 4, 2), (N, 4)
+        sums = self._box_sums(prepared, centres[..., 1] * (size + 1) + centres[..., 0])
+        return (weights.to(sums.dtype).unsqueeze(1) @ sums).squeeze(1)  # (N, k*C*g*g)
 
 
 class ConvGlimpseEncoder(nn.Module):
@@ -873,13 +886,23 @@ class WritingDecoder(Decoder):
         adjoint adds value / f^2 to each of them. That is done for all cells at once with a
         difference array: +v at the box's top-left and bottom-right corners, -v at the other
         two, then a cumulative sum down and one across fill every box. Summed, every step's
-        cells go into their column's one array, so only one canvas per column is built."""
+        cells go into their column's one array, so only one canvas per column is built. With
+        location_grad=pathwise the retina reads between pixels, a bilinear mix of 4 glimpses,
+        and the write is that mix's adjoint: the 4 glimpses' cells, each value weighted, and
+        differentiable in the location through the weights."""
         cfg, side, size = self.cfg, self.side, self.cfg.image_size
         T, N, _ = h.shape
         values = (self.fc_write(h).view(T * N, cfg.num_patches, -1) * self.inv_area).flatten(1)
-        centre = location_to_pixels(locations.detach().flatten(0, 1), size)  # (T*N, 2)
-        signed = torch.stack([values, -values, -values, values], 1).view(T, N, -1)
-        corners = self._corners(centre).view(T, N, -1)  # (T, N, 4*k*C*g*g), as `signed`
+        signed = torch.stack([values, -values, -values, values], 1)  # (T*N, 4, k*C*g*g)
+        flat = locations.flatten(0, 1)  # (T*N, 2)
+        if cfg.location_grad == "pathwise":
+            centres, weights = pixel_neighbours(flat, size)  # (T*N, 4, 2), (T*N, 4)
+            signed = weights.to(values.dtype)[:, :, None, None] * signed.unsqueeze(1)
+        else:
+            centres = location_to_pixels(flat.detach(), size).unsqueeze(1)  # (T*N, 1, 2)
+        corners = self._corners(centres[:, 0]) if centres.shape[1] == 1 else torch.stack(
+            [self._corners(c) for c in centres.unbind(1)], 1)  # (T*N, [4,] 4, k*C*g*g)
+        signed, corners = signed.view(T, N, -1), corners.view(T, N, -1)  # matched, (T, N, ...)
         if summed:
             signed, corners = (a.transpose(0, 1).reshape(1, N, -1) for a in (signed, corners))
         spread = values.new_zeros(len(signed) * N, cfg.num_channels * side**2).scatter_add(

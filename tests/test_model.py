@@ -186,11 +186,9 @@ def test_a_pathwise_policy_also_learns_from_the_losses_through_its_glimpses(obje
                if not n.startswith("locator."))
 
 
-def test_pathwise_is_for_a_learned_policy_read_by_the_sensor_alone():
+def test_pathwise_is_for_a_learned_policy():
     with pytest.raises(ValueError, match="nothing to train"):
         ModelConfig(location_grad="pathwise", policy="grid")
-    with pytest.raises(ValueError, match="write"):
-        ModelConfig(location_grad="pathwise", write="glimpse")
 
 
 def test_baseline_learns_only_from_its_own_loss():

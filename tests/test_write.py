@@ -24,10 +24,13 @@ def writer(cfg):
 
 @pytest.mark.parametrize("size,channels,g,s,k", [(32, 3, 6, 2, 3), (28, 1, 8, 2, 1),
                                                  (20, 2, 4, 3, 2)])
-def test_the_write_is_the_retinas_adjoint(size, channels, g, s, k):
-    # <R_l^T v, x> = <v, R_l x> for every image x, value v and location l, edges included.
+@pytest.mark.parametrize("location_grad", ["none", "pathwise"])
+def test_the_write_is_the_retinas_adjoint(size, channels, g, s, k, location_grad):
+    # <R_l^T v, x> = <v, R_l x> for every image x, value v and location l, edges included;
+    # pathwise, for the retina that reads between pixels.
     cfg = ModelConfig(image_size=size, num_channels=channels, patch_size=g, glimpse_scale=s,
-                      num_patches=k, pixel_mean=(0.0,) * channels, pixel_std=(1.0,) * channels)
+                      num_patches=k, pixel_mean=(0.0,) * channels, pixel_std=(1.0,) * channels,
+                      location_grad=location_grad)
     torch.manual_seed(0)
     N = 40
     x = torch.randn(N, channels, size, size, dtype=torch.float64)
@@ -98,6 +101,21 @@ def test_the_writing_model_trains_its_write_and_never_moves_the_policy_through_i
     assert all(p.grad is None or not p.grad.any() for p in model.locator.parameters())
     plots = model(x, decode="plots")
     torch.testing.assert_close(plots.recon, plots.decoded.cumsum(0))
+
+
+def test_a_pathwise_write_passes_the_reconstructions_gradient_to_the_policy():
+    cfg = ModelConfig(**SMALL, write="glimpse", location_grad="pathwise",
+                      policy_input="grid_prior")
+    model = RecurrentAttention(cfg)
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    out = model(x)
+    compute_losses(out, y, cfg, LossWeights(reinforce_weight=0.0))["recon"].backward()
+    assert model.locator.prior.grad.abs().sum() > 0
+    plots = model(x, decode="plots")
+    torch.testing.assert_close(plots.recon, plots.decoded.cumsum(0))
+    last = model(x, decode="last", noise=torch.zeros(3, 4, 2))
+    every = model(x, decode="every", noise=torch.zeros(3, 4, 2))
+    torch.testing.assert_close(last.errors[0], every.errors[-1])
 
 
 def test_write_flag_names_the_run_and_needs_a_decoder(tiny_cifar, tmp_path):
