@@ -347,20 +347,20 @@ class Retina(nn.Module):
             phi = self._between_pixels(prepared, l)
         else:
             centre = location_to_pixels(l, cfg.image_size)  # (N, (x, y))
-            cell = centre[:, 1] * (cfg.image_size + 1) + centre[:, 0]  # (N,)
-            phi = self._box_sums(prepared, cell.unsqueeze(1)).squeeze(1)  # (N, k*C*g*g)
+            phi = self._box_sums(prepared, centre[:, 1] * (cfg.image_size + 1) + centre[:, 0])
         k, C, g = cfg.num_patches, cfg.num_channels, cfg.patch_size
         return phi.view(-1, k, C, g, g) * self.inv_area  # box sums -> means
 
     def _box_sums(self, prepared, cells):
-        """The glimpses' box sums at centre pixels `cells` (N, m), row cy * (S + 1) + cx of
-        the index table, m of them per column: (N, m, k*C*g*g)."""
+        """The box sums of the glimpses centred on pixels `cells`, rows cy * (S + 1) + cx of
+        the index table: (N,) -> (P, B, k*C*g*g), or m per column, (N, m) -> (P, B,
+        m*k*C*g*g), P paths of the B images."""
         B, C, L = prepared.shape
-        N, m = cells.shape
-        index = self.index_table.index_select(0, cells.flatten())  # (N*m, k*C*g*g)
+        paths = cells.shape[0] // B
+        index = self.index_table.index_select(0, cells.flatten())  # (N[*m], k*C*g*g)
         # The paths read the same prepared images: a stride-0 view, never a copy per path.
-        source = prepared.view(1, B, C * L).expand(N // B, B, C * L)  # (P, B, C*L)
-        return source.gather(2, index.view(N // B, B, -1)).view(N, m, -1)
+        source = prepared.view(1, B, C * L).expand(paths, B, C * L)  # (P, B, C*L)
+        return source.gather(2, index.view(paths, B, -1))
 
     def _between_pixels(self, prepared, l):
         """Box sums at the real-valued centre p = (l + 1) S / 2, not rounded to a pixel: those
@@ -372,7 +372,8 @@ class Retina(nn.Module):
         (N, k*C*g*g)."""
         size = self.cfg.image_size
         centres, weights = pixel_neighbours(l, size)  # (N, 4, 2), (N, 4)
-        sums = self._box_sums(prepared, centres[..., 1] * (size + 1) + centres[..., 0])
+        cells = centres[..., 1] * (size + 1) + centres[..., 0]  # (N, 4)
+        sums = self._box_sums(prepared, cells).view(len(l), 4, -1)  # (N, 4, k*C*g*g)
         return (weights.to(sums.dtype).unsqueeze(1) @ sums).squeeze(1)  # (N, k*C*g*g)
 
 

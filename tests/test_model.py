@@ -76,8 +76,10 @@ def test_prediction_is_the_cumulative_sum_of_step_outputs():
     assert torch.allclose(last.errors[0], by_hand[-1], rtol=1e-4, atol=1e-6)
 
 
-def test_paths_equal_a_batch_of_repeated_images():
-    cfg = ModelConfig(**SMALL)
+@pytest.mark.parametrize("options", [{}, {"location_grad": "pathwise"},
+                                     {"location_grad": "pathwise", "write": "glimpse"}])
+def test_paths_equal_a_batch_of_repeated_images(options):
+    cfg = ModelConfig(**SMALL, **options)
     model = RecurrentAttention(cfg)
     x, M = torch.rand(B, 3, 32, 32), 3
     noise = torch.randn(cfg.num_glimpses, M * B, 2)
