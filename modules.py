@@ -374,7 +374,9 @@ class Retina(nn.Module):
         centres, weights = pixel_neighbours(l, size)  # (N, 4, 2), (N, 4)
         cells = centres[..., 1] * (size + 1) + centres[..., 0]  # (N, 4)
         sums = self._box_sums(prepared, cells).view(len(l), 4, -1)  # (N, 4, k*C*g*g)
-        return (weights.to(sums.dtype).unsqueeze(1) @ sums).squeeze(1)  # (N, k*C*g*g)
+        # Element-wise, not a product: autocast would round a product's operands to bf16, and
+        # the location's gradient is made of differences between neighbouring box sums.
+        return (weights.to(sums.dtype).unsqueeze(-1) * sums).sum(1)  # (N, k*C*g*g)
 
 
 class ConvGlimpseEncoder(nn.Module):

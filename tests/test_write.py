@@ -103,6 +103,16 @@ def test_the_writing_model_trains_its_write_and_never_moves_the_policy_through_i
     torch.testing.assert_close(plots.recon, plots.decoded.cumsum(0))
 
 
+def test_a_pathwise_write_is_differentiable_in_the_location():
+    cfg = ModelConfig(location_grad="pathwise", pixel_mean=(0.0,) * 3, pixel_std=(1.0,) * 3)
+    torch.manual_seed(4)
+    v = torch.randn(1, 3, cfg.glimpse_numel, dtype=torch.float64)
+    l = torch.tensor([[0.13, -0.41], [0.52, 0.27], [-0.71, 0.05]], dtype=torch.float64,
+                     requires_grad=True)
+    decoder = writer(cfg).double()
+    assert torch.autograd.gradcheck(lambda l: decoder.written(v, l.view(1, 3, 2)), (l,))
+
+
 def test_a_pathwise_write_passes_the_reconstructions_gradient_to_the_policy():
     cfg = ModelConfig(**SMALL, write="glimpse", location_grad="pathwise",
                       policy_input="grid_prior")
