@@ -244,6 +244,11 @@ def run(args, stop):
             train(trainer, data, stop)
         else:
             test(trainer, data)
+        if procs.distributed:
+            # Every rank done before any tears its process group down: a rank that left early
+            # was seen to abort in gloo's teardown ("terminate called without an active
+            # exception") once in a while.
+            dist.barrier()
     except UserError as e:
         return fail(procs, f"error: {e}", 2)
     except TrainingInterrupted as e:
