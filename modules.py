@@ -72,14 +72,14 @@ class ModelConfig:
                 f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         for name, choices in (("reward", REWARDS), ("baseline", BASELINES),
                               ("probe_input", PROBE_INPUTS), ("policy_input", POLICY_INPUTS),
-                              ("core", tuple(CORES)), ("glimpse_encoder", GLIMPSE_ENCODERS)):
+                              ("core", tuple(CORES)), ("glimpse_encoder", GLIMPSE_ENCODERS),
+                              ("location_grad", LOCATION_GRADS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name} must be one of {', '.join(choices)}, "
                                  f"got {getattr(self, name)!r}")
         self._check_policy_schedule()
         if self.write not in WRITES:
             raise ValueError(f"--write must be one of {', '.join(WRITES)}, got {self.write!r}")
-        self._check_location_grad()
         if self.write != "none" and not self.decoder:
             raise ValueError("--write=glimpse writes the decoder's increments: pure RAM "
                              "(--recon_weight=0 under supervised) has no decoder")
@@ -96,26 +96,16 @@ class ModelConfig:
                 "lower --patch_size, --glimpse_scale or --num_patches")
 
     def _check_policy_schedule(self):
-        """--std_final and --policy_epochs: for a policy that learns, with sound values."""
+        """--std_final, --policy_epochs and --location_grad: for a policy that learns, with
+        sound values."""
         if self.std_final is not None and not self.std_final > 0:
             raise ValueError(f"--std_final must be greater than 0, got {self.std_final}")
         if self.policy_epochs is not None and self.policy_epochs < 1:
             raise ValueError(f"--policy_epochs must be at least 1, got {self.policy_epochs}")
-        for name in ("std_final", "policy_epochs"):
-            if getattr(self, name) is not None and self.policy != "learned":
+        for name in ("std_final", "policy_epochs", "location_grad"):
+            if getattr(self, name) != getattr(ModelConfig, name) and self.policy != "learned":
                 raise ValueError(f"--{name} is for the learned policy; --policy={self.policy} "
                                  f"does not learn: leave --{name} out")
-
-    def _check_location_grad(self):
-        """--location_grad=pathwise: for a learned policy."""
-        if self.location_grad not in LOCATION_GRADS:
-            raise ValueError(f"--location_grad must be one of {', '.join(LOCATION_GRADS)}, "
-                             f"got {self.location_grad!r}")
-        if self.location_grad == "none":
-            return
-        if self.policy != "learned":
-            raise ValueError(f"--location_grad=pathwise trains the learned policy; --policy="
-                             f"{self.policy} has nothing to train: leave --location_grad out")
 
     @property
     def patch_sizes(self):
@@ -346,17 +336,17 @@ class Retina(nn.Module):
         if cfg.location_grad == "pathwise":
             phi = self._between_pixels(prepared, l)
         else:
-            centre = location_to_pixels(l, cfg.image_size)  # (N, (x, y))
-            phi = self._box_sums(prepared, centre[:, 1] * (cfg.image_size + 1) + centre[:, 0])
+            phi = self._box_sums(prepared, location_to_pixels(l, cfg.image_size))
         k, C, g = cfg.num_patches, cfg.num_channels, cfg.patch_size
         return phi.view(-1, k, C, g, g) * self.inv_area  # box sums -> means
 
-    def _box_sums(self, prepared, cells):
-        """The box sums of the glimpses centred on pixels `cells`, rows cy * (S + 1) + cx of
-        the index table: (N,) -> (P, B, k*C*g*g), or m per column, (N, m) -> (P, B,
-        m*k*C*g*g), P paths of the B images."""
+    def _box_sums(self, prepared, centres):
+        """The box sums of the glimpses centred on pixels `centres`, (x, y) each: (N, 2) ->
+        (P, B, k*C*g*g), or m per column, (N, m, 2) -> (P, B, m*k*C*g*g), P paths of the B
+        images."""
         B, C, L = prepared.shape
-        paths = cells.shape[0] // B
+        paths = centres.shape[0] // B
+        cells = centres[..., 1] * (self.cfg.image_size + 1) + centres[..., 0]  # index rows
         index = self.index_table.index_select(0, cells.flatten())  # (N[*m], k*C*g*g)
         # The paths read the same prepared images: a stride-0 view, never a copy per path.
         source = prepared.view(1, B, C * L).expand(paths, B, C * L)  # (P, B, C*L)
@@ -370,10 +360,8 @@ class Retina(nn.Module):
         pixel it equals the pixel sensor; `location_to_pixels` (the plots, the distinct-glimpse
         count) rounds down, so a drawn box may sit up to a pixel before the one read.
         (N, k*C*g*g)."""
-        size = self.cfg.image_size
-        centres, weights = pixel_neighbours(l, size)  # (N, 4, 2), (N, 4)
-        cells = centres[..., 1] * (size + 1) + centres[..., 0]  # (N, 4)
-        sums = self._box_sums(prepared, cells).view(len(l), 4, -1)  # (N, 4, k*C*g*g)
+        centres, weights = pixel_neighbours(l, self.cfg.image_size)  # (N, 4, 2), (N, 4)
+        sums = self._box_sums(prepared, centres).view(len(l), 4, -1)  # (N, 4, k*C*g*g)
         # Element-wise, not a product: autocast would round a product's operands to bf16, and
         # the location's gradient is made of differences between neighbouring box sums.
         return (weights.to(sums.dtype).unsqueeze(-1) * sums).sum(1)  # (N, k*C*g*g)
@@ -863,23 +851,23 @@ class WritingDecoder(Decoder):
         self.register_buffer("fill", fill, persistent=False)  # (H, side)
 
     def _corners(self, centre):
-        """Where the pooled cells of glimpses centred on `centre` (N, 2) pixels begin and end:
-        flat positions in a (C, side, side) difference array of the padded image, (N, 4,
+        """Where the pooled cells of glimpses centred on `centre` (..., 2) pixels begin and end:
+        flat positions in a (C, side, side) difference array of the padded image, (..., 4,
         k*C*g*g) for the top-left, top-right, bottom-left and bottom-right corners. The boxes
         are the retina's (cell_starts): one wholly outside the image lies in the padding, which
         is cut off."""
         cfg, side = self.cfg, self.side
-        ys, xs = self.starts[centre[:, 1]], self.starts[centre[:, 0]]  # (N, k, g) each
+        ys, xs = self.starts[centre[..., 1]], self.starts[centre[..., 0]]  # (..., k, g) each
         channel = (torch.arange(cfg.num_channels, device=centre.device) * side**2).view(
-            1, 1, -1, 1, 1)  # (1, 1, C, 1, 1)
+            -1, 1, 1)  # (C, 1, 1)
 
-        def flat(rows, cols):  # (N, k, g) each -> (N, k*C*g*g)
-            return (channel + rows[:, :, None, :, None] * side
-                    + cols[:, :, None, None, :]).flatten(1)
+        def flat(rows, cols):  # (..., k, g) each -> (..., k*C*g*g)
+            return (channel + rows[..., None, :, None] * side
+                    + cols[..., None, None, :]).flatten(-4)
 
         bottom, right = ys + self.cell, xs + self.cell
         return torch.stack([flat(ys, xs), flat(ys, right), flat(bottom, xs),
-                            flat(bottom, right)], 1)
+                            flat(bottom, right)], -2)
 
     def written(self, h, locations, summed=False):
         """R_{l_t}^T (V h_t) for every step and column: (T, N, hidden), (T, N, 2) ->
@@ -903,8 +891,7 @@ class WritingDecoder(Decoder):
             signed = weights.to(values.dtype)[:, :, None, None] * signed.unsqueeze(1)
         else:
             centres = location_to_pixels(flat.detach(), size).unsqueeze(1)  # (T*N, 1, 2)
-        corners = self._corners(centres[:, 0]) if centres.shape[1] == 1 else torch.stack(
-            [self._corners(c) for c in centres.unbind(1)], 1)  # (T*N, [4,] 4, k*C*g*g)
+        corners = self._corners(centres)  # (T*N, 1 or 4, 4, k*C*g*g)
         signed, corners = signed.view(T, N, -1), corners.view(T, N, -1)  # matched, (T, N, ...)
         if summed:
             signed, corners = (a.transpose(0, 1).reshape(1, N, -1) for a in (signed, corners))

@@ -189,7 +189,7 @@ def test_a_pathwise_policy_also_learns_from_the_losses_through_its_glimpses(obje
 
 
 def test_pathwise_is_for_a_learned_policy():
-    with pytest.raises(ValueError, match="nothing to train"):
+    with pytest.raises(ValueError, match="--location_grad is for the learned policy"):
         ModelConfig(location_grad="pathwise", policy="grid")
 
 
