@@ -241,6 +241,10 @@ def _training_flags(p):
                        help="most epochs to train")
     train.add_argument("--init_lr", type=positive_float, default=3e-4,
                        help="Adam's initial learning rate")
+    train.add_argument("--policy_lr", type=positive_float, default=None,
+                       help="the learned policy's own initial learning rate (the location "
+                       "network's weights; the schedule moves it by the same factors as "
+                       "--init_lr). Default: --init_lr, one rate for every weight")
     train.add_argument("--lr_patience", type=positive_int, default=20,
                        help="epochs without a better validation score (PSNR under unsupervised, "
                        "accuracy under supervised) before the learning "
@@ -326,6 +330,7 @@ class TrainConfig:
     is_train: bool = True
     epochs: int = 200
     init_lr: float = 3e-4
+    policy_lr: float | None = None
     lr_patience: int = 20
     train_patience: int = 50
     schedule: str = "plateau"

@@ -230,6 +230,9 @@ def start(args):
             print(f"main.py: warning: {warning}", file=sys.stderr, flush=True)
     data = load_once(data_spec(args), train_cfg, procs)
     cfg = model_config(args, data)
+    if train_cfg.policy_lr is not None and cfg.policy != "learned":
+        raise UserError(f"--policy_lr is for the learned policy; --policy={cfg.policy} does not "
+                        "learn: leave --policy_lr out")
     seed_everything(train_cfg.random_seed + procs.rank)  # one policy stream per process
     return Trainer(cfg, weights, train_cfg, device, procs), data
 

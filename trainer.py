@@ -54,7 +54,7 @@ OLDER_MODEL_CONFIG = {"reward": "sum", "baseline": "shared", "probe_input": "las
                       "core": "rnn", "glimpse_encoder": "linear", "std_final": None,
                       "policy_epochs": None, "write": "none", "location_grad": "none"}
 # What a run written before a TrainConfig field existed did: the plateau schedule, no augmentation.
-OLDER_TRAIN_CONFIG = {"schedule": "plateau", "augment": False}
+OLDER_TRAIN_CONFIG = {"schedule": "plateau", "augment": False, "policy_lr": None}
 METRICS_NAME = "metrics.jsonl"  # one JSON line per epoch in the run's checkpoint folder
 NOISE_STRIDE = 1_000_003  # a prime above any split size: (seed, image) pairs never collide
 LOSS_TERMS = ("recon", "classify", "reinforce", "baseline", "total")  # compute_losses' keys
@@ -65,6 +65,7 @@ REFUSED_ON_RESUME = {
     "random_seed": "it fixes the run's data order, training canvases and evaluation noise",
     "valid_size": "it would change the validation images and move some into training",
     "schedule": "the checkpoint holds the state of the run's own schedule",
+    "policy_lr": "the checkpoint's optimizer holds the run's own learning-rate groups",
 }
 APPLIED_ON_RESUME = {
     "init_lr": "the learning rate restarts at it (with --schedule=cosine: the cosine is "
@@ -90,9 +91,23 @@ class TrainingInterrupted(Exception):
         self.path, self.epoch, self.images = path, epoch, images
 
 
-def make_optimizer(model, lr, device):
-    """Adam; the fused kernel where the device has one (one pass over all parameters)."""
-    return torch.optim.Adam(model.parameters(), lr=lr, fused=device.type in ("cpu", "cuda"))
+def make_optimizer(model, lr, device, policy_lr=None):
+    """Adam; the fused kernel where the device has one (one pass over all parameters). With
+    `policy_lr` the location network's weights form a second group at that rate (where the
+    policy has weights: the fixed policies have none)."""
+    fused = device.type in ("cpu", "cuda")
+    policy = list(model.locator.parameters()) if policy_lr is not None else []
+    if not policy:
+        return torch.optim.Adam(model.parameters(), lr=lr, fused=fused)
+    chosen = {id(p) for p in policy}
+    rest = [p for p in model.parameters() if id(p) not in chosen]
+    return torch.optim.Adam([{"params": rest}, {"params": policy, "lr": policy_lr}], lr=lr,
+                            fused=fused)
+
+
+def start_lrs(optimizer, train_cfg):
+    """The rate each of `make_optimizer`'s groups starts at: --init_lr, then --policy_lr."""
+    return [train_cfg.init_lr, train_cfg.policy_lr][:len(optimizer.param_groups)]
 
 
 def cosine_factor(epoch, epochs):
@@ -323,7 +338,7 @@ class Trainer:
         self.step_model = compile_model(wrapped, device) if train_cfg.compile else wrapped
         # Evaluation needs no gradient exchange: each process runs its share on the module.
         self.eval_model = compile_model(self.model, device) if train_cfg.compile else self.model
-        self.optimizer = make_optimizer(self.model, train_cfg.init_lr, device)
+        self.optimizer = make_optimizer(self.model, train_cfg.init_lr, device, train_cfg.policy_lr)
         self.scheduler = make_scheduler(self.optimizer, train_cfg)
         self.epoch = 0
         self.best_score = -math.inf
@@ -471,8 +486,9 @@ class Trainer:
             if name == "lr_patience" and not plateau:
                 continue  # ignored under cosine, and ignored_flags has said so
             if name == "init_lr" and plateau:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = new
+                for group, lr in zip(self.optimizer.param_groups,
+                                     start_lrs(self.optimizer, self.train_cfg), strict=True):
+                    group["lr"] = lr
             elif name == "lr_patience":
                 self.scheduler.patience = new
             print_main(self.procs, f"note: --{name}={new} (the run had {old}) is applied; "
@@ -483,9 +499,8 @@ class Trainer:
     def _follow_cosine(self):
         """Put the learning rate on the cosine of this run's --init_lr and --epochs at the epoch
         reached: where the checkpoint left it, unless one of those flags changed."""
-        lr = self.train_cfg.init_lr
-        self.scheduler.base_lrs = [lr] * len(self.optimizer.param_groups)
-        for group in self.optimizer.param_groups:
+        self.scheduler.base_lrs = start_lrs(self.optimizer, self.train_cfg)
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
             group["lr"] = lr * cosine_factor(self.epoch, self.train_cfg.epochs)
 
     def _restore_rng(self, path, states):
@@ -574,6 +589,8 @@ class Trainer:
         if "hit_rate" in valid:  # over every glimpse
             metrics["valid_hit_rate"] = sum(valid["hit_rate"]) / len(valid["hit_rate"])
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        if len(self.optimizer.param_groups) > 1:
+            metrics["policy_lr"] = self.optimizer.param_groups[1]["lr"]
         if self.cfg.policy == "learned":  # what this epoch explored with; 0 once frozen
             locator = self.model.locator
             metrics["policy_std"] = float(locator.std) if bool(locator.exploring) else 0.0

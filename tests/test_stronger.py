@@ -338,6 +338,68 @@ def test_policy_epochs_freezes_the_policy_on_its_aimed_path(tiny_cifar, tmp_path
     assert "distinct glimpses" in capsys.readouterr().out
 
 
+def test_policy_lr_gives_the_policy_its_own_rate_and_the_schedule_moves_both():
+    args = parse_args([*TINY, "--policy_lr=1e-2", "--lr_patience=1"])
+    cfg = model_config(args)
+    trainer = Trainer(cfg, loss_weights(args), train_config(args), CPU)
+    model, optimizer = trainer.model, trainer.optimizer
+    rest, policy = optimizer.param_groups
+    assert [id(p) for p in policy["params"]] == [id(p) for p in model.locator.parameters()]
+    assert {id(p) for p in rest["params"] + policy["params"]} == \
+        {id(p) for p in model.parameters()}
+    assert len(rest["params"]) + len(policy["params"]) == len(list(model.parameters()))
+    # Adam's first step moves every weight with a gradient by its group's rate (|g| >> eps).
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    torch.manual_seed(0)
+    x, y = torch.rand(B, 3, 32, 32), torch.randint(0, 10, (B,))
+    compute_losses(model(x), y, cfg, LossWeights())["total"].backward()
+    optimizer.step()
+    rates = {}
+    for name, p in model.named_parameters():
+        moved = (p.detach() - before[name]).abs()[p.grad.abs() > 1e-4]
+        rates.setdefault(name.startswith("locator."), []).append(moved)
+    for is_policy, lr in ((True, 1e-2), (False, 3e-4)):
+        moved = torch.cat(rates[is_policy])
+        assert moved.numel() > 100 and moved == pytest.approx(torch.full_like(moved, lr), rel=1e-3)
+    for score in (1.0, 0.5, 0.5):  # a plateau of --lr_patience=1 epoch cuts both by 10x
+        trainer.scheduler.step(score)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([3e-5, 1e-3], rel=1e-12)
+    # Without the flag, one group, as before it existed.
+    args = parse_args(TINY)
+    one = Trainer(model_config(args), loss_weights(args), train_config(args), CPU)
+    assert len(one.optimizer.param_groups) == 1
+
+
+def test_policy_lr_follows_the_cosine_is_kept_on_resume_and_refused_without_a_policy(
+        tiny_cifar, tmp_path, monkeypatch, capsys):
+    data_dir, _ = tiny_cifar
+
+    def run(*extra):
+        return main.main([f"--data_dir={data_dir}", f"--ckpt_dir={tmp_path / 'ckpt'}",
+                          f"--plot_dir={tmp_path / 'plots'}", *TINY, "--schedule=cosine",
+                          "--epochs=3", "--policy_lr=1e-3", *extra])
+
+    stop_at_the_end_of_epoch(monkeypatch, 1, steps_per_epoch=9)  # 180 images, batch 20
+    assert run() == 128 + signal.SIGINT
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert run("--resume=true", "--policy_lr=2e-3") == 2
+    assert "pass --policy_lr=0.001 to resume" in capsys.readouterr().err
+    assert run("--resume=true", "--init_lr=6e-4") == 0
+    with open(tmp_path / "ckpt" / "ram_3_6x6_2" / "metrics.jsonl") as f:
+        lines = [json.loads(line) for line in f]
+    factors = [(1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)]
+    assert [m["lr"] for m in lines] == pytest.approx(
+        [3e-4 * factors[0]] + [6e-4 * c for c in factors[1:]], rel=1e-12)
+    assert [m["policy_lr"] for m in lines] == pytest.approx([1e-3 * c for c in factors],
+                                                            rel=1e-12)
+    capsys.readouterr()
+    assert run("--policy=grid", "--resume=false") == 2
+    err = capsys.readouterr().err
+    assert "--policy_lr is for the learned policy; --policy=grid" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
 def test_lr_patience_with_cosine_is_warned_about():
     warned = ignored_flags(train_config(parse_args(["--schedule=cosine", "--lr_patience=5"])))
     assert [line for line in warned if "--lr_patience=5 is ignored with --schedule=cosine" in line]
