@@ -53,7 +53,8 @@ OLDER_MODEL_CONFIG = {"reward": "sum", "baseline": "shared", "probe_input": "las
                       "policy_input": "state", "dataset": "cifar10", "decoder": True,
                       "core": "rnn", "glimpse_encoder": "linear", "std_final": None,
                       "policy_epochs": None, "write": "none", "location_grad": "none"}
-# What a run written before a TrainConfig field existed did: the plateau schedule, no augmentation.
+# What a run written before a TrainConfig field existed did: the plateau schedule, no augmentation,
+# one learning rate for every weight.
 OLDER_TRAIN_CONFIG = {"schedule": "plateau", "augment": False, "policy_lr": None}
 METRICS_NAME = "metrics.jsonl"  # one JSON line per epoch in the run's checkpoint folder
 NOISE_STRIDE = 1_000_003  # a prime above any split size: (seed, image) pairs never collide
