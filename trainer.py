@@ -69,8 +69,9 @@ REFUSED_ON_RESUME = {
     "policy_lr": "the checkpoint's optimizer holds the run's own learning-rate groups",
 }
 APPLIED_ON_RESUME = {
-    "init_lr": "the learning rate restarts at it (with --schedule=cosine: the cosine is "
-               "rescaled to start from it, from the epoch reached on)",
+    "init_lr": "the learning rate restarts at it, and the policy's at --policy_lr where "
+               "that is given (with --schedule=cosine: the cosine is rescaled to start from "
+               "it, from the epoch reached on)",
     "epochs": "training goes on to it (with --schedule=cosine: on the cosine that ends there, "
               "from the epoch reached on; with --std_final, the policy's anneal ends there too)",
     "lr_patience": "the epochs without improvement counted so far still count",
@@ -93,7 +94,7 @@ class TrainingInterrupted(Exception):
 
 
 def make_optimizer(model, lr, device, policy_lr=None):
-    """Adam; the fused kernel where the device has one (one pass over all parameters). With
+    """Adam; the fused kernel where the device has one (one pass over each group). With
     `policy_lr` the location network's weights form a second group at that rate (where the
     policy has weights: the fixed policies have none)."""
     fused = device.type in ("cpu", "cuda")
@@ -473,8 +474,10 @@ class Trainer:
     def _refuse(self, path, changes):
         for name, old, new in changes:
             if name in REFUSED_ON_RESUME:
-                raise UserError(f"--{name}={new} differs from the {old} of the run in {path}, "
-                                f"and {REFUSED_ON_RESUME[name]}; pass --{name}={old} to resume, "
+                given = f"leaving --{name} out" if new is None else f"--{name}={new}"
+                keep = f"leave --{name} out" if old is None else f"pass --{name}={old}"
+                raise UserError(f"{given} differs from the {old} of the run in {path}, "
+                                f"and {REFUSED_ON_RESUME[name]}; {keep} to resume, "
                                 "or start a new run")
         if self.epoch >= self.train_cfg.epochs:
             raise UserError(f"{path} has trained {self.epoch} epochs already and --epochs="

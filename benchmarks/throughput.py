@@ -77,7 +77,7 @@ def steps(args, cfg, device):
     training step, an evaluation pass (one path, final image only) and the sensor's glimpses."""
     model = RecurrentAttention(cfg).to(device)
     step_model = compile_model(model, device) if args.compile else model
-    optimizer = make_optimizer(model, args.init_lr, device)
+    optimizer = make_optimizer(model, args.init_lr, device, args.policy_lr)
     weights = loss_weights(args)
     B = args.batch_size
     x = torch.rand(B, cfg.num_channels, cfg.image_size, cfg.image_size, device=device)

@@ -393,6 +393,21 @@ def test_policy_lr_follows_the_cosine_is_kept_on_resume_and_refused_without_a_po
         [3e-4 * factors[0]] + [6e-4 * c for c in factors[1:]], rel=1e-12)
     assert [m["policy_lr"] for m in lines] == pytest.approx([1e-3 * c for c in factors],
                                                             rel=1e-12)
+    # Under the plateau schedule a new --init_lr restarts the rest, the policy at --policy_lr;
+    # a run without the flag is not resumed with it, nor the other way round.
+    plateau = [f"--data_dir={data_dir}", f"--ckpt_dir={tmp_path / 'plateau'}",
+               f"--plot_dir={tmp_path / 'plots'}", *TINY]
+    assert main.main([*plateau, "--epochs=1"]) == 0
+    capsys.readouterr()
+    assert main.main([*plateau, "--epochs=2", "--resume=true", "--policy_lr=1e-3"]) == 2
+    assert "; leave --policy_lr out to resume" in capsys.readouterr().err
+    plateau.append("--policy_lr=1e-3")
+    assert main.main([*plateau, "--epochs=1", f"--ckpt_dir={tmp_path / 'two'}"]) == 0
+    assert main.main([*plateau, "--epochs=2", f"--ckpt_dir={tmp_path / 'two'}", "--resume=true",
+                      "--init_lr=6e-4"]) == 0
+    with open(tmp_path / "two" / "ram_3_6x6_2" / "metrics.jsonl") as f:
+        lines = [json.loads(line) for line in f]
+    assert [(m["lr"], m["policy_lr"]) for m in lines] == [(3e-4, 1e-3), (6e-4, 1e-3)]
     capsys.readouterr()
     assert run("--policy=grid", "--resume=false") == 2
     err = capsys.readouterr().err
