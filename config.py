@@ -21,6 +21,7 @@ from modules import (
     REWARDS,
     WRITES,
     ModelConfig,
+    check_learns,
 )
 from utils import OneLineParser, UserError, str2bool
 
@@ -449,6 +450,8 @@ def model_config(args, data=None, **overrides):
 def train_config(args):
     """The TrainConfig the flags describe; a combination it refuses is a UserError."""
     try:
+        if args.policy_lr is not None:
+            check_learns(args.policy, "policy_lr")
         return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     except ValueError as e:
         raise UserError(str(e)) from None

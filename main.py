@@ -224,9 +224,6 @@ def start(args):
     """This process's place and device, the data, and the trainer with its three
     configurations."""
     weights, train_cfg = loss_weights(args), train_config(args)
-    if train_cfg.policy_lr is not None and args.policy != "learned":
-        raise UserError(f"--policy_lr is for the learned policy; --policy={args.policy} does not "
-                        "learn: leave --policy_lr out")
     procs, device = init_distributed(pick_device(train_cfg.device))
     for warning in ignored_flags(train_cfg):
         if procs.is_main:

@@ -19,6 +19,13 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
+def check_learns(policy, name):
+    """--name, given, is for the learned policy only: a ValueError for any other --policy."""
+    if policy != "learned":
+        raise ValueError(f"--{name} is for the learned policy; --policy={policy} does not "
+                         f"learn: leave --{name} out")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Every hyper-parameter of the model, checked once when built.
@@ -103,9 +110,8 @@ class ModelConfig:
         if self.policy_epochs is not None and self.policy_epochs < 1:
             raise ValueError(f"--policy_epochs must be at least 1, got {self.policy_epochs}")
         for name in ("std_final", "policy_epochs", "location_grad"):
-            if getattr(self, name) != getattr(ModelConfig, name) and self.policy != "learned":
-                raise ValueError(f"--{name} is for the learned policy; --policy={self.policy} "
-                                 f"does not learn: leave --{name} out")
+            if getattr(self, name) != getattr(ModelConfig, name):
+                check_learns(self.policy, name)
 
     @property
     def patch_sizes(self):

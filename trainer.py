@@ -475,8 +475,10 @@ class Trainer:
         for name, old, new in changes:
             if name in REFUSED_ON_RESUME:
                 given = f"leaving --{name} out" if new is None else f"--{name}={new}"
+                had = f"the run in {path}, which had none" if old is None else \
+                    f"the {old} of the run in {path}"
                 keep = f"leave --{name} out" if old is None else f"pass --{name}={old}"
-                raise UserError(f"{given} differs from the {old} of the run in {path}, "
+                raise UserError(f"{given} differs from {had}, "
                                 f"and {REFUSED_ON_RESUME[name]}; {keep} to resume, "
                                 "or start a new run")
         if self.epoch >= self.train_cfg.epochs:
