@@ -127,6 +127,10 @@ def _policy_flags(core):
                       "epoch; a resume with a new --epochs recomputes the anneal to end there. "
                       "Evaluation samples with the checkpoint's epoch's value (default: --std "
                       "throughout)")
+    core.add_argument("--learn_std", type=_bool, default=False,
+                      help="make the learned policy's std a weight, one per glimpse and axis, "
+                      "starting at --std: REINFORCE moves it like the mean, and "
+                      "--entropy_weight rewards keeping it wide (default: --std throughout)")
     core.add_argument("--policy_epochs", type=positive_int, default=None,
                       help="the learned policy learns for this many epochs, then is frozen: "
                       "every glimpse goes where it aims, without exploration noise, and the "
@@ -204,6 +208,8 @@ def _loss_flags(p):
         ("classify_weight", 1.0, "classification NLL (the probe's, under unsupervised)"),
         ("reinforce_weight", 1.0, "REINFORCE term of the location policy"),
         ("baseline_weight", 1.0, "baseline's MSE to the return"),
+        ("entropy_weight", 0.0, "learned std's entropy, subtracted: a bonus for exploring "
+         "(needs --learn_std=true)"),
     ):
         loss.add_argument(f"--{name}", type=_weight, default=default,
                           help=f"weight of the {what} in the loss")
@@ -427,7 +433,8 @@ def model_config(args, data=None, **overrides):
     built with is a UserError."""
     chosen = {name: getattr(args, name) for name in (
         "patch_size", "glimpse_scale", "num_patches", "glimpse_hidden", "loc_hidden",
-        "hidden_size", "num_glimpses", "std", "std_final", "policy_epochs", "policy",
+        "hidden_size", "num_glimpses", "std", "std_final", "learn_std", "policy_epochs",
+        "policy",
         "objective", "reward", "baseline", "probe_input", "policy_input", "core",
         "glimpse_encoder", "write", "location_grad")}
     spec = data_spec(args)
@@ -458,17 +465,22 @@ def train_config(args):
 
 
 def loss_weights(args):
+    """The LossWeights the flags give; an entropy bonus without a learned std is a UserError
+    (it would move nothing)."""
+    if args.entropy_weight > 0 and not args.learn_std:
+        raise UserError("--entropy_weight rewards a learned std's spread: add "
+                        "--learn_std=true, or leave --entropy_weight out")
     return LossWeights(recon_weight=args.recon_weight, classify_weight=args.classify_weight,
                        reinforce_weight=args.reinforce_weight,
-                       baseline_weight=args.baseline_weight)
+                       baseline_weight=args.baseline_weight, entropy_weight=args.entropy_weight)
 
 
 def model_name(cfg: ModelConfig):
     """ram_[<dataset>_]<glimpses>_<g>x<g>_<scale> (the dataset's tag where it is not cifar10),
     then _k<patches>, _<objective>, _nodecoder (pure RAM), _<policy> and the reward,
     baseline, probe, policy-input, core and glimpse-encoder options, each where it is not the
-    default, then _write<where>, _pathwise, _stdfinal<value> and _policyepochs<N> where those
-    flags are given."""
+    default, then _write<where>, _pathwise, _stdfinal<value>, _learnstd and _policyepochs<N>
+    where those flags are given."""
     prefix = "ram" if cfg.dataset == ModelConfig.dataset else f"ram_{cfg.dataset}"
     name = f"{prefix}_{cfg.num_glimpses}_{cfg.patch_size}x{cfg.patch_size}_{cfg.glimpse_scale}"
     if cfg.num_patches != ModelConfig.num_patches:
@@ -490,6 +502,8 @@ def model_name(cfg: ModelConfig):
         name += f"_{cfg.location_grad}"
     if cfg.std_final is not None:
         name += f"_stdfinal{cfg.std_final:g}"
+    if cfg.learn_std:
+        name += "_learnstd"
     if cfg.policy_epochs is not None:
         name += f"_policyepochs{cfg.policy_epochs}"
     return name

@@ -40,6 +40,8 @@ class Rollout:
     recon: (T, B, C, H, W) cumulative reconstruction after each step, in [0, 1] pixel units;
         built only with the patches (for the plots), None otherwise.
     patches: (T, B, k, C, g, g) the normalised patches the sensor delivered, or None.
+    entropy: (T,) the policy's entropy at each glimpse (nats) where its std is a weight
+        (--learn_std) and it explores; None otherwise, and when the rollout follows a given path.
     """
 
     locations: torch.Tensor
@@ -53,6 +55,7 @@ class Rollout:
     decoded: torch.Tensor | None
     recon: torch.Tensor | None
     patches: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
 
 
 DECODES = ("every", "last", "plots")  # what the rollout decodes: see RecurrentAttention.forward
@@ -142,8 +145,7 @@ class RecurrentAttention(nn.Module):
         states, locations = torch.stack(states), torch.stack(locations)  # (T, paths*B, ...)
         code = states.sum(0) if cfg.probe_input == "summed" else h  # (paths*B, hidden)
         code = code if cfg.objective == "supervised" else code.detach()  # unsupervised: a probe
-        # The linear decoder's Gram form gives the errors without building a canvas; the
-        # writing decoder builds them (Decoder.direct_errors).
+        # No canvas for the linear decoder (its Gram form); the writing one builds them.
         errors = None if self.decoder is None else self.decoder.errors(
             states, x, last_only=decode == "last", locations=locations)
         canvases = decode == "plots" and self.decoder is not None
@@ -159,6 +161,7 @@ class RecurrentAttention(nn.Module):
             decoded=self.decoder.steps(states, locations) if canvases else None,
             recon=self.decoder(states, locations) if canvases else None,
             patches=torch.stack(patches) if patches else None,  # taken for the plots only
+            entropy=self.locator.entropy() if path is None else None,
         )
 
 
@@ -185,6 +188,7 @@ class LossWeights:
     classify_weight: float = 1.0
     reinforce_weight: float = 1.0
     baseline_weight: float = 1.0
+    entropy_weight: float = 0.0
 
     def __post_init__(self):
         for name, value in vars(self).items():
@@ -212,6 +216,8 @@ def compute_losses(out: Rollout, y, cfg: ModelConfig, weights: LossWeights):
         the test's PSNR reports; `sum` also pays for the early steps' errors). Under
         `supervised` the reward is 1 for a correct final classification, so G_t is 1 or 0.
     baseline: MSE between b_t and G_t.
+    entropy: the policy's entropy summed over the T glimpses, where its std is learned (0
+        otherwise); the total subtracts `entropy_weight` times it, a bonus for exploring.
     """
     losses = {"recon": out.log_pi.new_zeros(()) if out.errors is None else out.errors.mean(),
               "classify": F.nll_loss(out.log_probs, y)}
@@ -235,11 +241,13 @@ def compute_losses(out: Rollout, y, cfg: ModelConfig, weights: LossWeights):
             advantage.std(1, keepdim=True) + ADVANTAGE_EPS)
     losses["reinforce"] = -(out.log_pi * advantage).sum(0).mean()
     losses["baseline"] = F.mse_loss(out.baselines, returns)
+    losses["entropy"] = out.log_pi.new_zeros(()) if out.entropy is None else out.entropy.sum()
     losses["total"] = (
         weights.recon_weight * losses["recon"]
         + weights.classify_weight * losses["classify"]
         + weights.reinforce_weight * losses["reinforce"]
         + weights.baseline_weight * losses["baseline"]
+        - weights.entropy_weight * losses["entropy"]
     )
     return losses
 

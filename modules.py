@@ -47,6 +47,7 @@ class ModelConfig:
     num_glimpses: int = 9
     std: float = 0.05
     std_final: float | None = None  # None: --std throughout; else annealed to it (policy_std)
+    learn_std: bool = False  # True: the std of each glimpse and axis is a weight, from --std
     policy_epochs: int | None = None  # None: the policy learns throughout; else frozen after
     policy: str = "learned"
     objective: str = "unsupervised"
@@ -103,13 +104,16 @@ class ModelConfig:
                 "lower --patch_size, --glimpse_scale or --num_patches")
 
     def _check_policy_schedule(self):
-        """--std_final, --policy_epochs and --location_grad: for a policy that learns, with
-        sound values."""
+        """--std_final, --policy_epochs, --location_grad and --learn_std: for a policy that
+        learns, with sound values."""
         if self.std_final is not None and not self.std_final > 0:
             raise ValueError(f"--std_final must be greater than 0, got {self.std_final}")
         if self.policy_epochs is not None and self.policy_epochs < 1:
             raise ValueError(f"--policy_epochs must be at least 1, got {self.policy_epochs}")
-        for name in ("std_final", "policy_epochs", "location_grad"):
+        if self.learn_std and self.std_final is not None:
+            raise ValueError("--learn_std=true and --std_final both set the policy's std: "
+                             "leave one out")
+        for name in ("std_final", "policy_epochs", "location_grad", "learn_std"):
             if getattr(self, name) != getattr(ModelConfig, name):
                 check_learns(self.policy, name)
 
@@ -514,10 +518,14 @@ class LocationNetwork(nn.Module):
 
     With --std_final the standard deviation is a buffer, not a constant: the trainer sets it
     every epoch (policy_std), and a checkpoint carries the one its last epoch trained with,
-    which is then what evaluation samples with. With --policy_epochs the buffer `exploring`
-    says whether the policy still learns: once the trainer turns it off, every glimpse goes
-    where the policy aims (l = mu, no noise) with log pi = 0, so REINFORCE gives the policy no
-    gradient and the rest of the model trains, and is tested, on the exact paths it will take.
+    which is then what evaluation samples with. With --learn_std it is a weight: one log std
+    per glimpse and axis, log_std (T, 2), starting at log(--std), l ~ N(mu, diag(exp(2
+    log_std[t]))); REINFORCE moves it through log pi like the mean (towards the spread of the
+    samples that paid), and the entropy bonus (--entropy_weight) pushes it up. With
+    --policy_epochs the buffer `exploring` says whether the policy still learns: once the
+    trainer turns it off, every glimpse goes where the policy aims (l = mu, no noise) with
+    log pi = 0, so REINFORCE gives the policy no gradient and the rest of the model trains, and
+    is tested, on the exact paths it will take.
 
     The state is detached, so the policy never pushes gradient into the core. The sample is
     detached: it is an action, not a function of the weights, and the policy learns through
@@ -540,7 +548,10 @@ class LocationNetwork(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.std_final is None:
+        self.log_std = None
+        if cfg.learn_std:
+            self.log_std = nn.Parameter(torch.full((cfg.num_glimpses, 2), math.log(cfg.std)))
+        elif cfg.std_final is None:
             self.std = cfg.std
         else:  # annealed: in the state_dict, so that a checkpoint keeps the epoch's value
             self.register_buffer("std", torch.tensor(float(cfg.std)))
@@ -580,16 +591,38 @@ class LocationNetwork(nn.Module):
             mu = mu.detach()
             return mu.clamp(-1.0, 1.0), mu.new_zeros(mu.shape[0]), mu
         noise = torch.randn_like(mu) if noise is None else noise.to(mu.dtype)
-        drawn = mu + self.std * noise  # (B, 2); reparameterised: a function of mu
+        std, log_std = self.spread(t)
+        drawn = mu + std * noise  # (B, 2); reparameterised: a function of mu (and of log_std)
         sample = drawn.detach()
         # log N(sample; mu, std^2) per axis, summed; written out rather than through
         # torch.distributions, whose argument checks would raise on NaN instead of letting
         # the trainer's finite-loss guard report where it happened.
-        log_std = self.std.log() if torch.is_tensor(self.std) else math.log(self.std)
-        log_pi = (-0.5 * ((sample - mu) / self.std) ** 2
+        log_pi = (-0.5 * ((sample - mu) / std) ** 2
                   - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)  # (B,)
         used = drawn if self.pathwise else sample
         return used.clamp(-1.0, 1.0), log_pi, mu.detach()
+
+    def spread(self, t):
+        """(std, log std) of glimpse t's Gaussian: (2,) tensors of the weight with --learn_std,
+        else the fixed or annealed value, the same for every glimpse and axis."""
+        if self.log_std is not None:
+            return self.log_std[t].exp(), self.log_std[t]
+        return self.std, self.std.log() if torch.is_tensor(self.std) else math.log(self.std)
+
+    def entropy(self):
+        """(T,) the learned std's Gaussian entropy at each glimpse, in nats, both axes summed:
+        sum_axes (log_std + log(2 pi e) / 2). None where the std is not a weight (a constant
+        entropy moves nothing) and once the policy is frozen (no noise)."""
+        if self.log_std is None or not self.exploring:
+            return None
+        return (self.log_std + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)  # (T,)
+
+    def mean_std(self):
+        """The std this policy samples with, averaged over glimpses and axes; 0 once frozen."""
+        if not self.exploring:
+            return 0.0
+        std = self.std if self.log_std is None else self.log_std.detach().exp().mean()
+        return float(std)
 
 
 class FixedPolicy(nn.Module):
@@ -607,6 +640,9 @@ class FixedPolicy(nn.Module):
     def forward(self, h, t, noise=None):
         l = self.place(h, t, noise)  # (B, 2)
         return l, h.new_zeros(h.shape[0]), l
+
+    def entropy(self):
+        return None  # no learned spread: nothing for an entropy bonus to move
 
     def place(self, h, t, noise):
         raise NotImplementedError

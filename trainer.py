@@ -52,13 +52,16 @@ from utils import (
 OLDER_MODEL_CONFIG = {"reward": "sum", "baseline": "shared", "probe_input": "last",
                       "policy_input": "state", "dataset": "cifar10", "decoder": True,
                       "core": "rnn", "glimpse_encoder": "linear", "std_final": None,
-                      "policy_epochs": None, "write": "none", "location_grad": "none"}
+                      "policy_epochs": None, "write": "none", "location_grad": "none",
+                      "learn_std": False}
 # What a run written before a TrainConfig field existed did: the plateau schedule, no augmentation,
 # one learning rate for every weight.
 OLDER_TRAIN_CONFIG = {"schedule": "plateau", "augment": False, "policy_lr": None}
+# What a run written before a loss weight existed did: no entropy bonus.
+OLDER_LOSS_WEIGHTS = {"entropy_weight": 0.0}
 METRICS_NAME = "metrics.jsonl"  # one JSON line per epoch in the run's checkpoint folder
 NOISE_STRIDE = 1_000_003  # a prime above any split size: (seed, image) pairs never collide
-LOSS_TERMS = ("recon", "classify", "reinforce", "baseline", "total")  # compute_losses' keys
+LOSS_TERMS = ("recon", "classify", "reinforce", "baseline", "entropy", "total")  # its keys
 
 # How a resumed run treats a flag that differs from its checkpoint's run: a refused change is
 # an error (why, below); any other is applied from now on, with a note (what it does, below).
@@ -304,8 +307,8 @@ def resume_changes(ckpt, train_cfg: TrainConfig, weights: LossWeights):
     run = {**OLDER_TRAIN_CONFIG, **ckpt["train_config"]}
     changes = [(f.name, run.get(f.name), getattr(train_cfg, f.name))
                for f in fields(train_cfg) if f.name not in NOT_COMPARED]
-    changes += [(name, ckpt["loss_weights"].get(name), value)
-                for name, value in asdict(weights).items()]
+    run_weights = {**OLDER_LOSS_WEIGHTS, **ckpt["loss_weights"]}
+    changes += [(name, run_weights.get(name), value) for name, value in asdict(weights).items()]
     return [(name, old, new) for name, old, new in changes if old != new]
 
 
@@ -598,8 +601,7 @@ class Trainer:
         if len(self.optimizer.param_groups) > 1:
             metrics["policy_lr"] = self.optimizer.param_groups[1]["lr"]
         if self.cfg.policy == "learned":  # what this epoch explored with; 0 once frozen
-            locator = self.model.locator
-            metrics["policy_std"] = float(locator.std) if bool(locator.exploring) else 0.0
+            metrics["policy_std"] = self.model.locator.mean_std()
         score = valid[self.selection]
         if self.train_cfg.schedule == "plateau":
             self.scheduler.step(score)
