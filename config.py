@@ -208,8 +208,8 @@ def _loss_flags(p):
         ("classify_weight", 1.0, "classification NLL (the probe's, under unsupervised)"),
         ("reinforce_weight", 1.0, "REINFORCE term of the location policy"),
         ("baseline_weight", 1.0, "baseline's MSE to the return"),
-        ("entropy_weight", 0.0, "learned std's entropy, subtracted: a bonus for exploring "
-         "(needs --learn_std=true)"),
+        ("entropy_weight", 0.0, "learned std's entropy (a bonus for exploring, subtracted; "
+         "needs --learn_std=true)"),
     ):
         loss.add_argument(f"--{name}", type=_weight, default=default,
                           help=f"weight of the {what} in the loss")
@@ -434,8 +434,7 @@ def model_config(args, data=None, **overrides):
     chosen = {name: getattr(args, name) for name in (
         "patch_size", "glimpse_scale", "num_patches", "glimpse_hidden", "loc_hidden",
         "hidden_size", "num_glimpses", "std", "std_final", "learn_std", "policy_epochs",
-        "policy",
-        "objective", "reward", "baseline", "probe_input", "policy_input", "core",
+        "policy", "objective", "reward", "baseline", "probe_input", "policy_input", "core",
         "glimpse_encoder", "write", "location_grad")}
     spec = data_spec(args)
     for name, value in spec.model_defaults().items():

@@ -174,8 +174,8 @@ def test(trainer, data):
         print_main(trainer.procs, f"hit rate (% of glimpses centred in the digit's box), glimpse "
                    f"by glimpse: {hits}; all glimpses {sum(m['hit_rate']) / len(m['hit_rate']):.1f}"
                    f"%; any glimpse of the episode {m['any_hit']:.1f}%")
-    if trainer.cfg.learn_std:
-        stds = trainer.model.locator.log_std.detach().exp().mean(-1)  # (T,): x and y averaged
+    if trainer.cfg.learn_std and bool(trainer.model.locator.exploring):  # frozen: no noise
+        stds = trainer.model.locator.learned_stds().mean(-1)  # (T,): x and y averaged
         print_main(trainer.procs, "learned std, glimpse by glimpse (x and y averaged): "
                    + " ".join(f"{s:.3f}" for s in stds.tolist()))
     if trainer.cfg.policy == "learned":

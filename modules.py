@@ -113,6 +113,9 @@ class ModelConfig:
         if self.learn_std and self.std_final is not None:
             raise ValueError("--learn_std=true and --std_final both set the policy's std: "
                              "leave one out")
+        if self.learn_std and not math.exp(LOG_STD_MIN) <= self.std <= math.exp(LOG_STD_MAX):
+            raise ValueError(f"--learn_std=true keeps the std between {math.exp(LOG_STD_MIN):g} "
+                             f"and {math.exp(LOG_STD_MAX):g}; --std={self.std:g} starts it outside")
         for name in ("std_final", "policy_epochs", "location_grad", "learn_std"):
             if getattr(self, name) != getattr(ModelConfig, name):
                 check_learns(self.policy, name)
@@ -147,6 +150,8 @@ WRITES = ("none", "glimpse")  # where the decoder writes: see Decoder and Writin
 # "pathwise", also the losses' own gradient, through a sensor that reads between pixels.
 LOCATION_GRADS = ("none", "pathwise")
 CONV_CHANNELS = 32  # feature maps of each convolution of the conv glimpse encoder
+# Where a learned std (--learn_std) may go: 1e-4 to 1 in location units ([-1, 1] spans the image).
+LOG_STD_MIN, LOG_STD_MAX = math.log(1e-4), 0.0
 
 
 def policy_std(cfg: ModelConfig, epoch, epochs):
@@ -497,7 +502,8 @@ class GRUCore(nn.Module):
 
 
 class LocationNetwork(nn.Module):
-    """The learned policy: Gaussian over the next location, with a fixed standard deviation.
+    """The learned policy: Gaussian over the next location, its standard deviation fixed,
+    annealed or learned.
 
     mu = tanh(W_2 relu(W_1 h_t [+ e_t])),   l ~ N(mu, std^2 I),   l_used = clamp(l, -1, 1)
 
@@ -521,19 +527,22 @@ class LocationNetwork(nn.Module):
     which is then what evaluation samples with. With --learn_std it is a weight: one log std
     per glimpse and axis, log_std (T, 2), starting at log(--std), l ~ N(mu, diag(exp(2
     log_std[t]))); REINFORCE moves it through log pi like the mean (towards the spread of the
-    samples that paid), and the entropy bonus (--entropy_weight) pushes it up. With
-    --policy_epochs the buffer `exploring` says whether the policy still learns: once the
-    trainer turns it off, every glimpse goes where the policy aims (l = mu, no noise) with
-    log pi = 0, so REINFORCE gives the policy no gradient and the rest of the model trains, and
-    is tested, on the exact paths it will take.
+    samples that paid), and the entropy bonus (--entropy_weight) pushes it up; it is clamped
+    to [LOG_STD_MIN, LOG_STD_MAX], where log pi stays finite and a sample still lands near the
+    mean (a constant bonus would otherwise widen it without end). With --policy_epochs the
+    buffer `exploring` says whether the policy still learns: once the trainer turns it off,
+    every glimpse goes where the policy aims (l = mu, no noise) with log pi = 0, so REINFORCE
+    gives the policy no gradient and the rest of the model trains, and is tested, on the exact
+    paths it will take.
 
     The state is detached, so the policy never pushes gradient into the core. The sample is
     detached: it is an action, not a function of the weights, and the policy learns through
-    the REINFORCE term alone. With `location_grad=pathwise` the location handed on is mu +
-    std * noise itself (reparameterised), and the sensor reads between pixels (Retina), so
-    every loss's gradient also reaches the policy through the glimpses it chose; log pi is
-    still that of the detached sample, REINFORCE's term unchanged (--reinforce_weight=0 drops
-    it). The log-probability is that of the raw sample; the clamp is treated as part of the
+    the REINFORCE term alone (a learned std also through the entropy bonus). With
+    `location_grad=pathwise` the location handed on is mu + std * noise itself
+    (reparameterised), and the sensor reads between pixels (Retina), so every loss's gradient
+    also reaches the policy through the glimpses it chose; log pi is still that of the
+    detached sample, REINFORCE's term unchanged (--reinforce_weight=0 drops it). The
+    log-probability is that of the raw sample; the clamp is treated as part of the
     environment, which keeps the score-function estimate unbiased.
 
     Every policy in POLICIES is called alike. Args of forward:
@@ -591,7 +600,7 @@ class LocationNetwork(nn.Module):
             mu = mu.detach()
             return mu.clamp(-1.0, 1.0), mu.new_zeros(mu.shape[0]), mu
         noise = torch.randn_like(mu) if noise is None else noise.to(mu.dtype)
-        std, log_std = self.spread(t)
+        std, log_std = self.spread(t, mu.dtype)
         drawn = mu + std * noise  # (B, 2); reparameterised: a function of mu (and of log_std)
         sample = drawn.detach()
         # log N(sample; mu, std^2) per axis, summed; written out rather than through
@@ -602,11 +611,13 @@ class LocationNetwork(nn.Module):
         used = drawn if self.pathwise else sample
         return used.clamp(-1.0, 1.0), log_pi, mu.detach()
 
-    def spread(self, t):
-        """(std, log std) of glimpse t's Gaussian: (2,) tensors of the weight with --learn_std,
+    def spread(self, t, dtype):
+        """(std, log std) of glimpse t's Gaussian: (2,) tensors of the clamped weight with
+        --learn_std, in the mean's `dtype` (bf16 under --amp, like the fixed std's samples),
         else the fixed or annealed value, the same for every glimpse and axis."""
         if self.log_std is not None:
-            return self.log_std[t].exp(), self.log_std[t]
+            log_std = self.log_std[t].clamp(LOG_STD_MIN, LOG_STD_MAX).to(dtype)  # (2,)
+            return log_std.exp(), log_std
         return self.std, self.std.log() if torch.is_tensor(self.std) else math.log(self.std)
 
     def entropy(self):
@@ -615,14 +626,18 @@ class LocationNetwork(nn.Module):
         entropy moves nothing) and once the policy is frozen (no noise)."""
         if self.log_std is None or not self.exploring:
             return None
-        return (self.log_std + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)  # (T,)
+        log_std = self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)  # (T, 2)
+        return (log_std + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)  # (T,)
+
+    def learned_stds(self):
+        """(T, 2) the learned std of each glimpse and axis, as sampled with (--learn_std)."""
+        return self.log_std.detach().clamp(LOG_STD_MIN, LOG_STD_MAX).exp()
 
     def mean_std(self):
         """The std this policy samples with, averaged over glimpses and axes; 0 once frozen."""
         if not self.exploring:
             return 0.0
-        std = self.std if self.log_std is None else self.log_std.detach().exp().mean()
-        return float(std)
+        return float(self.std if self.log_std is None else self.learned_stds().mean())
 
 
 class FixedPolicy(nn.Module):
@@ -642,7 +657,8 @@ class FixedPolicy(nn.Module):
         return l, h.new_zeros(h.shape[0]), l
 
     def entropy(self):
-        return None  # no learned spread: nothing for an entropy bonus to move
+        """None: no learned spread, so nothing for an entropy bonus to move."""
+        return None
 
     def place(self, h, t, noise):
         raise NotImplementedError

@@ -11,14 +11,15 @@ import main
 from checkpoints import load_checkpoint
 from config import loss_weights, model_config, model_name, parse_args, train_config
 from model import LossWeights, RecurrentAttention, compute_losses
-from modules import ModelConfig
-from trainer import resume_changes
+from modules import LOG_STD_MAX, LOG_STD_MIN, ModelConfig
+from trainer import Trainer, make_optimizer, resume_changes
 from utils import UserError
 
 B = 6
 SMALL = dict(glimpse_hidden=16, loc_hidden=8, hidden_size=32, num_glimpses=3)
 TINY = ["--batch_size=20", "--M=1", "--num_glimpses=3", "--hidden_size=32",
         "--glimpse_hidden=16", "--loc_hidden=16"]
+CPU = torch.device("cpu")
 NO_TERMS = dict(recon_weight=0.0, classify_weight=0.0, reinforce_weight=0.0, baseline_weight=0.0)
 
 
@@ -112,3 +113,47 @@ def test_a_learned_std_trains_is_checkpointed_and_reported_through_main(tiny_cif
     reported = out.split("learned std, glimpse by glimpse (x and y averaged): ")[1].split()[:3]
     best = load_checkpoint(str(folder / "best.pth"))["model"]["locator.log_std"]
     assert [float(s) for s in reported] == pytest.approx(best.exp().mean(-1).tolist(), abs=1e-3)
+
+
+def test_the_learned_std_reaches_its_gradients_stays_in_range_and_joins_the_policys_rate():
+    x, y = torch.rand(B, 3, 32, 32), torch.arange(B) % 10
+    # Trained through its glimpses, without REINFORCE: the reconstruction's gradient reaches
+    # the std through l = mu + std * noise.
+    pathwise = learned_model(location_grad="pathwise")
+    weights = LossWeights(**{**NO_TERMS, "recon_weight": 1.0})
+    compute_losses(pathwise(x), y, pathwise.cfg, weights)["total"].backward()
+    assert pathwise.locator.log_std.grad.abs().min() > 0
+    # Frozen, it gets nothing, whatever the terms.
+    frozen = learned_model(policy_epochs=1)
+    frozen.locator.exploring.fill_(False)
+    compute_losses(frozen(x), y, frozen.cfg, LossWeights(entropy_weight=1.0))["total"].backward()
+    assert frozen.locator.log_std.grad is None
+    # Beyond its range the std is clamped: samples and the bonus use the bound, which the
+    # bonus then no longer pushes.
+    wide = learned_model()
+    with torch.no_grad():
+        wide.locator.log_std.fill_(5.0)
+    std, log_std = wide.locator.spread(0, torch.float32)
+    assert torch.allclose(log_std, torch.full((2,), LOG_STD_MAX))
+    assert wide.locator.mean_std() == pytest.approx(math.exp(LOG_STD_MAX))
+    compute_losses(wide(x), y, wide.cfg, LossWeights(**NO_TERMS, entropy_weight=1.0))[
+        "total"].backward()
+    assert not wide.locator.log_std.grad.any()
+    with pytest.raises(ValueError, match="keeps the std between"):
+        ModelConfig(learn_std=True, std=math.exp(LOG_STD_MIN) / 2)
+    # --policy_lr gives it the policy's rate.
+    optimizer = make_optimizer(learned_model(), 1e-3, CPU, policy_lr=1e-2)
+    policy_group = optimizer.param_groups[1]
+    assert any(p.shape == (3, 2) for p in policy_group["params"]) and policy_group["lr"] == 1e-2
+
+
+def test_a_checkpoint_from_before_the_learned_std_loads_with_a_fixed_one(tmp_path):
+    train_cfg = train_config(parse_args([f"--ckpt_dir={tmp_path}"]))
+    older = Trainer(ModelConfig(**SMALL), LossWeights(), train_cfg, CPU)
+    saved = {k: v for k, v in dataclasses.asdict(older.cfg).items() if k != "learn_std"}
+    path = str(tmp_path / "older.pth")
+    torch.save({"model": older.model.state_dict(), "epoch": 1, "model_config": saved}, path)
+    assert older.load(path)["epoch"] == 1
+    newer = Trainer(ModelConfig(**SMALL, learn_std=True), LossWeights(), train_cfg, CPU)
+    with pytest.raises(UserError, match="learn_std: checkpoint False, flags True"):
+        newer.load(path)
