@@ -616,7 +616,7 @@ class LocationNetwork(nn.Module):
         --learn_std, in the mean's `dtype` (bf16 under --amp, like the fixed std's samples),
         else the fixed or annealed value, the same for every glimpse and axis."""
         if self.log_std is not None:
-            log_std = self.log_std[t].clamp(LOG_STD_MIN, LOG_STD_MAX).to(dtype)  # (2,)
+            log_std = self._log_stds()[t].to(dtype)  # (2,)
             return log_std.exp(), log_std
         return self.std, self.std.log() if torch.is_tensor(self.std) else math.log(self.std)
 
@@ -626,12 +626,16 @@ class LocationNetwork(nn.Module):
         entropy moves nothing) and once the policy is frozen (no noise)."""
         if self.log_std is None or not self.exploring:
             return None
-        log_std = self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)  # (T, 2)
-        return (log_std + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)  # (T,)
+        return (self._log_stds() + 0.5 * math.log(2 * math.pi * math.e)).sum(-1)  # (T,)
+
+    def _log_stds(self):
+        """(T, 2) the learned log std, clamped to [LOG_STD_MIN, LOG_STD_MAX]: the one place
+        the bound is applied, for sampling, scoring, the entropy and the reports alike."""
+        return self.log_std.clamp(LOG_STD_MIN, LOG_STD_MAX)
 
     def learned_stds(self):
         """(T, 2) the learned std of each glimpse and axis, as sampled with (--learn_std)."""
-        return self.log_std.detach().clamp(LOG_STD_MIN, LOG_STD_MAX).exp()
+        return self._log_stds().detach().exp()
 
     def mean_std(self):
         """The std this policy samples with, averaged over glimpses and axes; 0 once frozen."""
