@@ -362,11 +362,12 @@ def curve_panels(runs):
             if any(measured(m.get(key, math.nan)) for lines in runs.values() for m in lines)]
 
 
-def draw_curves(runs, out):
-    """One panel per `curve_panels` entry, one line per run; `runs` maps a label to its epoch
-    lines."""
+def curves_figure(runs):
+    """One panel per `curve_panels` entry, one line per run, and the legend in a slot of its own
+    after the last panel (over a panel, long run names hid its curves); `runs` maps a label to
+    its epoch lines."""
     shown = curve_panels(runs)
-    rows = max(1, math.ceil(len(shown) / 3))
+    rows = math.ceil((len(shown) + 1) / 3)
     fig = _new_figure((12, 3.5 * rows), 100)
     for i, (key, title) in enumerate(shown, start=1):
         ax = fig.add_subplot(rows, 3, i)
@@ -376,9 +377,16 @@ def draw_curves(runs, out):
                 ax.plot(*zip(*points, strict=True), label=label, marker=".", color=f"C{j % 10}")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
-    fig.axes[0].legend(fontsize=7)
+    key_slot = fig.add_subplot(rows, 3, len(shown) + 1)
+    key_slot.axis("off")
+    key_slot.legend(*fig.axes[0].get_legend_handles_labels(), loc="center", fontsize=7)
     fig.tight_layout()
-    fig.savefig(out)
+    return fig
+
+
+def draw_curves(runs, out):
+    """`curves_figure(runs)` written to the PNG `out`; returns `out`."""
+    curves_figure(runs).savefig(out)
     return out
 
 

@@ -205,6 +205,17 @@ def test_curves_leave_out_what_no_run_measured(tmp_path):
     assert os.path.getsize(out) > 0
 
 
+def test_curves_keep_the_legend_off_the_panels():
+    lines = [{"epoch": e, "valid_acc": 90.0 + e, "train_images_per_s": 1000.0} for e in (1, 2)]
+    fig = plot_glimpses.curves_figure({"seed 1": lines, "seed 2": lines})
+    *panels, key_slot = fig.axes
+    assert [ax.get_title() for ax in panels] == ["validation accuracy (%, probe under "
+                                                 "unsupervised)", "images/s"]
+    assert all(ax.get_legend() is None and len(ax.lines) == 2 for ax in panels)
+    assert not key_slot.axison and not key_slot.lines
+    assert [t.get_text() for t in key_slot.get_legend().get_texts()] == ["seed 1", "seed 2"]
+
+
 def test_curves_of_runs_with_the_same_name_get_labels_apart():
     paths = ["/runs/ckpt/ram_9_6x6_2/metrics.jsonl", "/runs/ckpt_s2/ram_9_6x6_2/metrics.jsonl",
              "/runs/ckpt/ram_9_6x6_2_grid/metrics.jsonl"]
