@@ -200,6 +200,11 @@ def _loss_flags(p):
                       "glimpse: plus V h_t written back where its glimpse was taken, through the "
                       "retina's adjoint, so that detail lands where it was seen wherever the "
                       "policy looked (no Gram form: training builds the T canvases)")
+    loss.add_argument("--decoder_hidden", type=positive_int, default=None,
+                      help="none: the linear decoder (the seed's, with the Gram form); N: it "
+                      "also reads the code s_t through a ReLU layer of N units, x_hat_t = W s_t "
+                      "+ t b + V relu(U s_t + c), so that the code need not be a linear image of "
+                      "the reconstruction (no Gram form: training builds the T canvases)")
     loss.add_argument("--probe_input", choices=PROBE_INPUTS, default="summed",
                       help="what the classifier reads: summed: s_T = h_1 + ... + h_T, the code "
                       "the decoder reads; last: h_T")
@@ -435,7 +440,7 @@ def model_config(args, data=None, **overrides):
         "patch_size", "glimpse_scale", "num_patches", "glimpse_hidden", "loc_hidden",
         "hidden_size", "num_glimpses", "std", "std_final", "learn_std", "policy_epochs",
         "policy", "objective", "reward", "baseline", "probe_input", "policy_input", "core",
-        "glimpse_encoder", "write", "location_grad")}
+        "glimpse_encoder", "write", "decoder_hidden", "location_grad")}
     spec = data_spec(args)
     for name, value in spec.model_defaults().items():
         if chosen[name] is None:
@@ -478,8 +483,8 @@ def model_name(cfg: ModelConfig):
     """ram_[<dataset>_]<glimpses>_<g>x<g>_<scale> (the dataset's tag where it is not cifar10),
     then _k<patches>, _<objective>, _nodecoder (pure RAM), _<policy> and the reward,
     baseline, probe, policy-input, core and glimpse-encoder options, each where it is not the
-    default, then _write<where>, _pathwise, _stdfinal<value>, _learnstd and _policyepochs<N>
-    where those flags are given."""
+    default, then _write<where>, _decoder<N>, _pathwise, _stdfinal<value>, _learnstd and
+    _policyepochs<N> where those flags are given."""
     prefix = "ram" if cfg.dataset == ModelConfig.dataset else f"ram_{cfg.dataset}"
     name = f"{prefix}_{cfg.num_glimpses}_{cfg.patch_size}x{cfg.patch_size}_{cfg.glimpse_scale}"
     if cfg.num_patches != ModelConfig.num_patches:
@@ -497,6 +502,8 @@ def model_name(cfg: ModelConfig):
             name += f"_{getattr(cfg, option)}"
     if cfg.write != ModelConfig.write:
         name += f"_write{cfg.write}"
+    if cfg.decoder_hidden is not None:
+        name += f"_decoder{cfg.decoder_hidden}"
     if cfg.location_grad != ModelConfig.location_grad:
         name += f"_{cfg.location_grad}"
     if cfg.std_final is not None:

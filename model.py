@@ -14,6 +14,7 @@ from modules import (
     Classifier,
     Decoder,
     GlimpseNetwork,
+    MLPDecoder,
     ModelConfig,
     Retina,
     WritingDecoder,
@@ -80,7 +81,8 @@ class RecurrentAttention(nn.Module):
         self.locator = POLICIES[cfg.policy](cfg)
         self.baseline = BaselineNetwork(cfg)
         self.classifier = Classifier(cfg)
-        decoder = WritingDecoder if cfg.write == "glimpse" else Decoder
+        decoder = (WritingDecoder if cfg.write == "glimpse"
+                   else MLPDecoder if cfg.decoder_hidden is not None else Decoder)
         self.decoder = decoder(cfg) if cfg.decoder else None  # pure RAM has none
         shape = (1, cfg.num_channels, 1, 1)
         # The dataset's pixel statistics, (1, C, 1, 1); not cfg.std, the policy's spread.

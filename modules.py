@@ -61,6 +61,7 @@ class ModelConfig:
     pixel_std: tuple = CIFAR10_STD
     decoder: bool = True  # False: pure RAM, no reconstruction at all (it costs nothing)
     write: str = "none"  # "glimpse": the decoder also writes at the glimpse (WritingDecoder)
+    decoder_hidden: int | None = None  # None: the linear decoder; N: plus a ReLU layer (MLPDecoder)
     location_grad: str = "none"  # "pathwise": the losses' gradient reaches the locations too
 
     def __post_init__(self):
@@ -91,6 +92,7 @@ class ModelConfig:
         if self.write != "none" and not self.decoder:
             raise ValueError("--write=glimpse writes the decoder's increments: pure RAM "
                              "(--recon_weight=0 under supervised) has no decoder")
+        self._check_decoder_hidden()
         if not self.decoder and self.objective == "unsupervised":
             raise ValueError("the unsupervised objective needs the decoder: its reward is the "
                              "reconstruction error")
@@ -102,6 +104,21 @@ class ModelConfig:
                 f"the largest patch is {self.largest_patch} px (patch_size * glimpse_scale ** "
                 f"(num_patches - 1)), more than 4x the {self.image_size} px image: "
                 "lower --patch_size, --glimpse_scale or --num_patches")
+
+    def _check_decoder_hidden(self):
+        """--decoder_hidden: a whole number, for a decoder that does not write."""
+        if self.decoder_hidden is None:
+            return
+        if isinstance(self.decoder_hidden, bool) or not isinstance(self.decoder_hidden, int) \
+                or self.decoder_hidden < 1:
+            raise ValueError("--decoder_hidden must be a whole number of at least 1, got "
+                             f"{self.decoder_hidden!r}")
+        if not self.decoder:
+            raise ValueError("--decoder_hidden widens the decoder: pure RAM (--recon_weight=0 "
+                             "under supervised) has none")
+        if self.write != "none":
+            raise ValueError("--decoder_hidden and --write=glimpse are two different decoders: "
+                             "leave one out")
 
     def _check_policy_schedule(self):
         """--std_final, --policy_epochs, --location_grad and --learn_std: for a policy that
@@ -869,7 +886,8 @@ class Decoder(nn.Module):
         """The same errors as `errors`, from the built predictions x_hat_t.
 
         (T, P*B, C*H*W) canvases and their differences (one canvas per column with
-        `last_only`): the path a non-linear decoder takes (WritingDecoder), and the reference
+        `last_only`): the path the non-linear decoders take (WritingDecoder,
+        MLPDecoder), and the reference
         the tests hold the Gram form to.
         """
         with torch.autocast(h.device.type, enabled=False):
@@ -972,6 +990,40 @@ class WritingDecoder(Decoder):
 
     def errors(self, h, x, last_only=False, locations=None):
         return self.direct_errors(h, x, last_only, locations)
+
+
+class MLPDecoder(Decoder):
+    """The linear decoder plus a non-linear read of the same code (`--decoder_hidden=N`).
+
+    x_hat_t = W s_t + t b + V relu(U s_t + c),   s_t = h_1 + ... + h_t
+
+    Each step's increment is x_hat_t - x_hat_{t-1}, so the prediction is still their cumulative
+    sum, and s_T is still the code every canvas is read from; but the code no longer has to be
+    a linear image of the reconstruction: with the linear decoder, s_T = W^+ (x_hat_T - T b),
+    so any linear probe of s_T is one of the canvas, which tends towards the principal
+    components' as the reconstruction improves. V starts at zero: the model starts as the
+    linear one. There is no Gram form: `errors` builds the T canvases (`direct_errors`), and
+    a training image costs several times the linear decoder's arithmetic.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.fc_hidden = nn.Linear(cfg.hidden_size, cfg.decoder_hidden)
+        self.fc_out = nn.Linear(cfg.decoder_hidden, cfg.image_numel, bias=False)
+        nn.init.zeros_(self.fc_out.weight)
+
+    def forward(self, h, locations=None, last_only=False):
+        summed, _ = self._summed(h, last_only)
+        extra = self.fc_out(F.relu(self.fc_hidden(summed)))  # (T', B, C*H*W)
+        return super().forward(h, last_only=last_only) + extra.view(*summed.shape[:2],
+                                                                    *self.shape)
+
+    def errors(self, h, x, last_only=False, locations=None):
+        return self.direct_errors(h, x, last_only, locations)
+
+    def steps(self, h, locations=None):
+        canvases = self(h)  # x_hat_0 = 0: no glimpse, no prediction
+        return torch.cat([canvases[:1], canvases.diff(dim=0)])
 
 
 # --policy: the module that places the glimpses. A new fixed policy is a FixedPolicy subclass

@@ -52,8 +52,8 @@ from utils import (
 OLDER_MODEL_CONFIG = {"reward": "sum", "baseline": "shared", "probe_input": "last",
                       "policy_input": "state", "dataset": "cifar10", "decoder": True,
                       "core": "rnn", "glimpse_encoder": "linear", "std_final": None,
-                      "policy_epochs": None, "write": "none", "location_grad": "none",
-                      "learn_std": False}
+                      "policy_epochs": None, "write": "none", "decoder_hidden": None,
+                      "location_grad": "none", "learn_std": False}
 # What a run written before a TrainConfig field existed did: the plateau schedule, no augmentation,
 # one learning rate for every weight.
 OLDER_TRAIN_CONFIG = {"schedule": "plateau", "augment": False, "policy_lr": None}
