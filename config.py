@@ -201,8 +201,8 @@ def _loss_flags(p):
                       "retina's adjoint, so that detail lands where it was seen wherever the "
                       "policy looked (no Gram form: training builds the T canvases)")
     loss.add_argument("--decoder_hidden", type=positive_int, default=None,
-                      help="none: the linear decoder (the seed's, with the Gram form); N: it "
-                      "also reads the code s_t through a ReLU layer of N units, x_hat_t = W s_t "
+                      help="left out: the linear decoder (the seed's, with the Gram form); N: "
+                      "it also reads the code s_t through a ReLU layer of N units, x_hat_t = W s_t "
                       "+ t b + V relu(U s_t + c), so that the code need not be a linear image of "
                       "the reconstruction (no Gram form: training builds the T canvases)")
     loss.add_argument("--probe_input", choices=PROBE_INPUTS, default="summed",

@@ -147,7 +147,7 @@ class RecurrentAttention(nn.Module):
         states, locations = torch.stack(states), torch.stack(locations)  # (T, paths*B, ...)
         code = states.sum(0) if cfg.probe_input == "summed" else h  # (paths*B, hidden)
         code = code if cfg.objective == "supervised" else code.detach()  # unsupervised: a probe
-        # No canvas for the linear decoder (Gram form); the writing one builds them (direct_errors).
+        # No canvas for the linear decoder (Gram form); the writing and MLP ones build them.
         errors = None if self.decoder is None else self.decoder.errors(
             states, x, last_only=decode == "last", locations=locations)
         canvases = decode == "plots" and self.decoder is not None

@@ -1000,8 +1000,8 @@ class MLPDecoder(Decoder):
     Each step's increment is x_hat_t - x_hat_{t-1}, so the prediction is still their cumulative
     sum, and s_T is still the code every canvas is read from; but the code no longer has to be
     a linear image of the reconstruction: with the linear decoder, s_T = W^+ (x_hat_T - T b),
-    so any linear probe of s_T is one of the canvas, which tends towards the principal
-    components' as the reconstruction improves. V starts at zero: the model starts as the
+    so any linear probe of s_T is one of the canvas (at the limit of a perfect reconstruction
+    for its width, of the pixels' principal components). V starts at zero: the model starts as the
     linear one. There is no Gram form: `errors` builds the T canvases (`direct_errors`), and
     a training image costs several times the linear decoder's arithmetic.
     """

@@ -4,16 +4,18 @@ code's figure (`main.py --is_train=False --linear_eval=True`).
     python3 benchmarks/linear_baselines.py --features=pca --components=256
     python3 benchmarks/linear_baselines.py --features=pixels
 
-The same splits as main.py (45,000 training images, the 5,000 of the fixed validation share,
-the 10,000 test images) and the same fit (utils.linear_evaluation: features standardised,
-logistic regression by L-BFGS for each L2 strength, the best on validation). `pca` projects the
-pixels in [0, 1] onto the training images' first --components principal directions: the code
-of the best linear autoencoder of that width, which a linear decoder's code tends towards as its
-reconstruction improves. Prints one JSON line.
+The splits are main.py's (datasets.load_data: 45,000 training images, the fixed validation
+share of 5,000, the 10,000 test images) and so is the fit (utils.linear_evaluation: features
+standardised, logistic regression by L-BFGS for each L2 strength, the best on validation).
+`pca` projects the pixels in [0, 1] onto the training images' first --components principal
+directions: the code of the best linear autoencoder of that width, the limit a linear
+decoder's code would reach if it reconstructed perfectly for its width; the test images'
+reconstruction PSNR from that code is printed beside it. Prints one JSON line.
 """
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -22,29 +24,30 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_loader import load_cifar10, train_valid_split  # noqa: E402
+from datasets import DataSpec, load_data  # noqa: E402
 from utils import UserError, linear_evaluation  # noqa: E402
 
 
-def pixels(images):
-    """uint8 (N, H, W, C) -> float32 (N, H*W*C) in [0, 1]."""
-    return torch.from_numpy(images).flatten(1).float().div_(255.0)
+def splits(data_dir, valid_size):
+    """(pixels in [0, 1] (N, C*H*W), labels (N,)) of the training, validation and test images."""
+    data = load_data(DataSpec("cifar10"), data_dir, valid_size, seed=0)
+    return [(split.images.flatten(1).float().div_(255.0), split.labels)
+            for split in (data.train, data.valid, data.test)]
 
 
-def principal_directions(train, components):
-    """The first `components` principal directions of the rows of `train`: (D, components)."""
-    centred = train.double() - train.double().mean(0)
+def pca(train, components):
+    """The mean (D,) of the rows of `train` and their first `components` principal directions,
+    (D, components), orthonormal columns."""
+    mean = train.double().mean(0)
+    centred = train.double() - mean
     _, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending eigenvalues
-    return vectors[:, -components:].flip(1).float()
+    return mean.float(), vectors[:, -components:].flip(1).float()
 
 
-def splits(data_dir):
-    """(features, labels) of the training, validation and test images, as pixels."""
-    arrays = load_cifar10(data_dir)
-    x, y = pixels(arrays["train_x"]), torch.from_numpy(arrays["train_y"]).long()
-    train_idx, valid_idx = train_valid_split(len(y), 0.1)
-    test = (pixels(arrays["test_x"]), torch.from_numpy(arrays["test_y"]).long())
-    return (x[train_idx], y[train_idx]), (x[valid_idx], y[valid_idx]), test
+def reconstruction_psnr(images, mean, basis):
+    """PSNR (dB) of `images` in [0, 1] rebuilt from their projection on `basis`."""
+    rebuilt = (images - mean) @ basis @ basis.T + mean
+    return -10.0 * math.log10((rebuilt - images).pow(2).mean().item())
 
 
 def main(argv=None):
@@ -52,21 +55,23 @@ def main(argv=None):
     parser.add_argument("--features", choices=("pixels", "pca"), default="pca")
     parser.add_argument("--components", type=int, default=256, help="width of the PCA code")
     parser.add_argument("--data_dir", default="./data")
+    parser.add_argument("--valid_size", type=float, default=0.1, help="as main.py's")
     args = parser.parse_args(argv)
     try:
-        data = splits(args.data_dir)
+        data = splits(args.data_dir, args.valid_size)
     except UserError as e:
         sys.exit(f"linear_baselines.py: error: {e}")
-    start = time.perf_counter()
+    width, extra, start = data[0][0].shape[1], {}, time.perf_counter()
     if args.features == "pca":
-        if not 0 < args.components <= data[0][0].shape[1]:
-            sys.exit(f"linear_baselines.py: error: --components must be between 1 and "
-                     f"{data[0][0].shape[1]}, got {args.components}")
-        basis = principal_directions(data[0][0], args.components)
+        if not 0 < args.components <= width:
+            sys.exit(f"linear_baselines.py: error: --components must be between 1 and {width}, "
+                     f"got {args.components}")
+        mean, basis = pca(data[0][0], args.components)
+        extra["test_psnr"] = round(reconstruction_psnr(data[2][0], mean, basis), 2)
         data = [(features @ basis, labels) for features, labels in data]
     result = linear_evaluation(*data, num_classes=10)
     print(json.dumps({"features": args.features, "width": data[0][0].shape[1], **result,
-                      "seconds": round(time.perf_counter() - start)}), flush=True)
+                      **extra, "seconds": round(time.perf_counter() - start)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,17 @@
 """The offline linear evaluation: a logistic regression on frozen features."""
 
+import json
+import os
+import sys
+
+import pytest
 import torch
 
+from conftest import ROOT
 from utils import L2_CHOICES, linear_evaluation
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import linear_baselines  # noqa: E402
 
 
 def blobs(n, seed, shift=3.0):
@@ -36,3 +45,26 @@ def test_the_scale_of_a_feature_does_not_matter():
     scaled = linear_evaluation((x * scale, y), (valid[0] * scale, valid[1]),
                                (test[0] * scale, test[1]), num_classes=3)
     assert abs(plain["test_acc"] - scaled["test_acc"]) < 2
+
+
+def test_principal_directions_are_orthonormal_sorted_and_exact_at_full_width():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(200, 6, generator=g) * torch.tensor([3.0, 0.1, 1.0, 0.2, 2.0, 0.5])
+    mean, basis = linear_baselines.pca(images, 3)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(3), atol=1e-5, rtol=0)
+    spread = ((images - mean) @ basis).var(0)
+    assert spread[0] > spread[1] > spread[2]
+    assert torch.argmax(basis[:, 0].abs()) == 0  # the widest axis comes first
+    _, full = linear_baselines.pca(images, 6)
+    assert linear_baselines.reconstruction_psnr(images, mean, full) > 100
+    assert linear_baselines.reconstruction_psnr(images, mean, basis) < 40
+
+
+def test_the_baseline_script_prints_one_json_line(tiny_cifar, capsys):
+    data_dir, _ = tiny_cifar
+    linear_baselines.main(["--features=pca", "--components=8", f"--data_dir={data_dir}"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # after any warning
+    assert result["features"] == "pca" and result["width"] == 8
+    assert 0 <= result["test_acc"] <= 100 and result["test_psnr"] > 0
+    with pytest.raises(SystemExit, match="--components must be between 1 and 3072"):
+        linear_baselines.main(["--components=4000", f"--data_dir={data_dir}"])

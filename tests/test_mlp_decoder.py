@@ -44,6 +44,29 @@ def test_each_canvas_is_the_hand_computed_one_and_errors_are_its_mse():
     torch.testing.assert_close(decoder.steps(h).cumsum(0), recon, rtol=1e-5, atol=1e-5)
 
 
+def test_the_errors_gradient_is_that_of_the_hand_computed_canvases():
+    torch.manual_seed(3)
+    decoder = MLPDecoder(ModelConfig(**SMALL))  # errors are computed in float32
+    nn.init.normal_(decoder.fc_out.weight, std=0.1)
+    h, x = torch.randn(3, 8, 32), torch.rand(8, 3, 32, 32)
+    W, b = decoder.fc.weight, decoder.fc.bias
+    U, c, V = decoder.fc_hidden.weight, decoder.fc_hidden.bias, decoder.fc_out.weight
+    weights = (h, W, b, U, c, V)
+
+    def by_hand(h, W, b, U, c, V):
+        s = h.cumsum(0)  # (T, B, hidden)
+        t = torch.arange(1, 4, dtype=h.dtype).view(3, 1, 1)
+        canvas = s @ W.T + t * b + F.relu(s @ U.T + c) @ V.T
+        return (canvas - x.flatten(1)).pow(2).mean(-1)
+
+    h.requires_grad_(True)
+    got = torch.autograd.grad(decoder.errors(h, x).sum(), weights)
+    expected = torch.autograd.grad(by_hand(*weights).sum(), weights)
+    for name, a, e in zip(("h", "W", "b", "U", "c", "V"), got, expected, strict=True):
+        assert e.abs().sum() > 0, name  # the hidden layer's own weights are reached
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_the_model_trains_both_layers_and_plots_its_increments():
     torch.manual_seed(2)
     cfg = ModelConfig(**SMALL)
@@ -53,6 +76,7 @@ def test_the_model_trains_both_layers_and_plots_its_increments():
     compute_losses(model(x), y, cfg, LossWeights())["total"].backward()
     assert model.decoder.fc_out.weight.grad.abs().sum() > 0  # V starts at zero, U waits for it
     assert model.core.i2h.weight.grad.abs().sum() > 0
+    nn.init.normal_(model.decoder.fc_out.weight, std=0.1)  # increments no longer the linear ones
     plots = model(x, decode="plots")
     torch.testing.assert_close(plots.recon, plots.decoded.cumsum(0), rtol=1e-5, atol=1e-5)
 
