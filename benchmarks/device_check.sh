@@ -74,11 +74,16 @@ write_tiny_cifar(sys.argv[1], per_batch=2000, num_test=1000)
 EOF
 fi
 common=(--device="$DEVICE" --data_dir="$data" --ckpt_dir="$OUT/ckpt" --plot_dir="$OUT/plots")
+# This script's own run folders: a second check must not meet the first one's run (main.py
+# refuses to train over another run's checkpoints, and the test would read the old one).
+rm -rf "$OUT/ckpt" "$OUT/plots"
+# The line a step's log ends with: its figures when it worked, its error when it did not.
+outcome() { tr '\r' '\n' < "$1" | grep -a "$2" | tail -n 1 | grep . || tail -n 1 "$1"; }
 start=$SECONDS
 timeout "$RUN_TIMEOUT" $PYTHON main.py "${common[@]}" --epochs=1 > "$OUT/train.log" 2>&1
-say "train 1 epoch (exit $?, $((SECONDS - start)) s): $(tr '\r' '\n' < "$OUT/train.log" | grep '^epoch 1/' | tail -n 1)"
+say "train 1 epoch (exit $?, $((SECONDS - start)) s): $(outcome "$OUT/train.log" '^epoch 1/')"
 start=$SECONDS
 timeout "$RUN_TIMEOUT" $PYTHON main.py "${common[@]}" --is_train=False --model_epoch=1 \
   > "$OUT/test.log" 2>&1
-say "test (exit $?, $((SECONDS - start)) s): $(grep '^test ' "$OUT/test.log" | tail -n 1)"
+say "test (exit $?, $((SECONDS - start)) s): $(outcome "$OUT/test.log" '^test ')"
 echo "done; logs in $OUT"
