@@ -26,6 +26,12 @@ def check_learns(policy, name):
                          f"learn: leave --{name} out")
 
 
+def _check_whole(name, value):
+    """A ModelConfig size: an int (not a bool) of at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"--{name} must be a whole number of at least 1, got {value!r}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Every hyper-parameter of the model, checked once when built.
@@ -67,9 +73,7 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("image_size", "num_channels", "num_classes", "patch_size", "glimpse_scale",
                      "num_patches", "glimpse_hidden", "loc_hidden", "hidden_size", "num_glimpses"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name} must be a whole number of at least 1, got {value!r}")
+            _check_whole(name, getattr(self, name))
         if not self.std > 0:
             raise ValueError(f"--std must be greater than 0, got {self.std}")
         if self.policy not in POLICIES:
@@ -109,10 +113,7 @@ class ModelConfig:
         """--decoder_hidden: a whole number, for a decoder that does not write."""
         if self.decoder_hidden is None:
             return
-        if isinstance(self.decoder_hidden, bool) or not isinstance(self.decoder_hidden, int) \
-                or self.decoder_hidden < 1:
-            raise ValueError("--decoder_hidden must be a whole number of at least 1, got "
-                             f"{self.decoder_hidden!r}")
+        _check_whole("decoder_hidden", self.decoder_hidden)
         if not self.decoder:
             raise ValueError("--decoder_hidden widens the decoder: pure RAM (--recon_weight=0 "
                              "under supervised) has none")
@@ -842,8 +843,11 @@ class Decoder(nn.Module):
 
     def forward(self, h, locations=None, last_only=False):
         summed, t = self._summed(h, last_only)
-        out = F.linear(summed, self.fc.weight) + t * self.fc.bias  # (T', B, C*H*W)
-        return out.view(*summed.shape[:2], *self.shape)
+        return self._read(summed, t).view(*summed.shape[:2], *self.shape)
+
+    def _read(self, summed, t):
+        """The flat canvases the summed states give: (T', B, hidden) -> (T', B, C*H*W)."""
+        return F.linear(summed, self.fc.weight) + t * self.fc.bias
 
     def errors(self, h, x, last_only=False, locations=None):
         """Mean squared error of every step's prediction, without building the predictions.
@@ -1012,11 +1016,8 @@ class MLPDecoder(Decoder):
         self.fc_out = nn.Linear(cfg.decoder_hidden, cfg.image_numel, bias=False)
         nn.init.zeros_(self.fc_out.weight)
 
-    def forward(self, h, locations=None, last_only=False):
-        summed, _ = self._summed(h, last_only)
-        extra = self.fc_out(F.relu(self.fc_hidden(summed)))  # (T', B, C*H*W)
-        return super().forward(h, last_only=last_only) + extra.view(*summed.shape[:2],
-                                                                    *self.shape)
+    def _read(self, summed, t):
+        return super()._read(summed, t) + self.fc_out(F.relu(self.fc_hidden(summed)))
 
     def errors(self, h, x, last_only=False, locations=None):
         return self.direct_errors(h, x, last_only, locations)
