@@ -205,6 +205,15 @@ def _loss_flags(p):
                       "it also reads the code s_t through a ReLU layer of N units, x_hat_t = W s_t "
                       "+ t b + V relu(U s_t + c), so that the code need not be a linear image of "
                       "the reconstruction (no Gram form: training builds the T canvases)")
+    loss.add_argument("--contrast_dim", type=positive_int, default=None,
+                      help="left out: reconstruction alone; N: also SimCLR's contrastive loss, "
+                      "through a head of N outputs on the code: every training image comes as "
+                      "two random views (a resized crop, a flip, colour changes; cifar10 only), "
+                      "each reconstructed, and each view's code must pick out the other's among "
+                      "the batch's (no label; twice the training arithmetic)")
+    loss.add_argument("--temperature", type=positive_float, default=0.5,
+                      help="temperature of the contrastive loss's softmax over cosine "
+                      "similarities (with --contrast_dim)")
     loss.add_argument("--probe_input", choices=PROBE_INPUTS, default="summed",
                       help="what the classifier reads: summed: s_T = h_1 + ... + h_T, the code "
                       "the decoder reads; last: h_T")
@@ -215,6 +224,7 @@ def _loss_flags(p):
         ("baseline_weight", 1.0, "baseline's MSE to the return"),
         ("entropy_weight", 0.0, "learned std's entropy (a bonus for exploring, subtracted; "
          "needs --learn_std=true)"),
+        ("contrast_weight", 1.0, "contrastive loss (with --contrast_dim)"),
     ):
         loss.add_argument(f"--{name}", type=_weight, default=default,
                           help=f"weight of the {what} in the loss")
@@ -440,7 +450,8 @@ def model_config(args, data=None, **overrides):
         "patch_size", "glimpse_scale", "num_patches", "glimpse_hidden", "loc_hidden",
         "hidden_size", "num_glimpses", "std", "std_final", "learn_std", "policy_epochs",
         "policy", "objective", "reward", "baseline", "probe_input", "policy_input", "core",
-        "glimpse_encoder", "write", "decoder_hidden", "location_grad")}
+        "glimpse_encoder", "write", "decoder_hidden", "location_grad", "contrast_dim",
+        "temperature")}
     spec = data_spec(args)
     for name, value in spec.model_defaults().items():
         if chosen[name] is None:
@@ -460,6 +471,9 @@ def model_config(args, data=None, **overrides):
 
 def train_config(args):
     """The TrainConfig the flags describe; a combination it refuses is a UserError."""
+    if args.augment and args.contrast_dim is not None:
+        raise UserError("--augment and --contrast_dim both change the training images: "
+                        "--contrast_dim's views are crops and flips already; leave --augment out")
     try:
         if args.policy_lr is not None:
             check_learns(args.policy, "policy_lr")
@@ -476,15 +490,16 @@ def loss_weights(args):
                         "--learn_std=true, or leave --entropy_weight out")
     return LossWeights(recon_weight=args.recon_weight, classify_weight=args.classify_weight,
                        reinforce_weight=args.reinforce_weight,
-                       baseline_weight=args.baseline_weight, entropy_weight=args.entropy_weight)
+                       baseline_weight=args.baseline_weight, entropy_weight=args.entropy_weight,
+                       contrast_weight=args.contrast_weight)
 
 
 def model_name(cfg: ModelConfig):
     """ram_[<dataset>_]<glimpses>_<g>x<g>_<scale> (the dataset's tag where it is not cifar10),
     then _k<patches>, _<objective>, _nodecoder (pure RAM), _<policy> and the reward,
     baseline, probe, policy-input, core and glimpse-encoder options, each where it is not the
-    default, then _write<where>, _decoder<N>, _pathwise, _stdfinal<value>, _learnstd and
-    _policyepochs<N> where those flags are given."""
+    default, then _write<where>, _decoder<N>, _contrast<N> (and _temp<value>), _pathwise,
+    _stdfinal<value>, _learnstd and _policyepochs<N> where those flags are given."""
     prefix = "ram" if cfg.dataset == ModelConfig.dataset else f"ram_{cfg.dataset}"
     name = f"{prefix}_{cfg.num_glimpses}_{cfg.patch_size}x{cfg.patch_size}_{cfg.glimpse_scale}"
     if cfg.num_patches != ModelConfig.num_patches:
@@ -504,6 +519,10 @@ def model_name(cfg: ModelConfig):
         name += f"_write{cfg.write}"
     if cfg.decoder_hidden is not None:
         name += f"_decoder{cfg.decoder_hidden}"
+    if cfg.contrast_dim is not None:
+        name += f"_contrast{cfg.contrast_dim}"
+        if cfg.temperature != ModelConfig.temperature:
+            name += f"_temp{cfg.temperature:g}"
     if cfg.location_grad != ModelConfig.location_grad:
         name += f"_{cfg.location_grad}"
     if cfg.std_final is not None:

@@ -14,7 +14,9 @@ batch it falls in, the worker that draws it, or a resume. Training draws afresh 
 one fixed draw of a fixed seed, so every run is measured on the same images.
 
 `Augmented` wraps a training split for `--augment`: a random crop of the zero-padded image and a
-random horizontal flip, drawn the same way, per image, from (seed, epoch, image).
+random horizontal flip, drawn the same way, per image, from (seed, epoch, image). `TwoViews`
+wraps it for `--contrast_dim`: two stronger random views of every image (`random_view`: a resized
+crop, a flip, colour changes), drawn the same way.
 """
 
 import gzip
@@ -26,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data_loader import ImageBatches, load_cifar10, torchvision_download, train_valid_split
-from modules import CIFAR10_MEAN, CIFAR10_STD
+from modules import CIFAR10_MEAN, CIFAR10_STD, CONTRAST_VIEWS
 from utils import UserError
 
 DATASETS = ("cifar10", "mnist", "translated", "cluttered")
@@ -40,6 +42,13 @@ EVAL_DRAW = 2**40  # the draw of the fixed canvases; training draws are epochs, 
 STATS_DRAW = EVAL_DRAW + 1  # the draw whose training canvases give the pixel statistics
 STATS_IMAGES = 5000
 PAD = 4  # --augment: zero pixels added on each side before the random crop
+# --contrast_dim's views (random_view), SimCLR's ranges for CIFAR-10 (Chen et al., 2020):
+VIEW_AREA = (0.2, 1.0)  # fraction of the image the crop covers
+VIEW_RATIO = (3 / 4, 4 / 3)  # the crop's width over its height
+VIEW_JITTER = 0.4  # brightness, contrast and saturation each scaled by 1 +- up to this
+VIEW_GREY = 0.2  # probability that a view loses its colour
+VIEW_DRAWS = 9  # uniform numbers one view takes (random_view)
+GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma of R, G, B
 
 
 @dataclass(frozen=True)
@@ -268,6 +277,90 @@ class Augmented(Dataset):
             return images, labels, positions
         u = torch.from_numpy(_uniform(self.seed, draw, positions.numpy(), 3))  # (B, 3)
         return crop_and_flip(images, u), labels, positions
+
+    def boxes(self, positions):
+        return self.dataset.boxes(positions)
+
+
+def _grey(x):
+    """(B, 3, H, W) -> (B, 1, H, W) luma."""
+    return torch.einsum("bchw,c->bhw", x, x.new_tensor(GREY_WEIGHTS)).unsqueeze(1)
+
+
+def _colour(x, u):
+    """Brightness, contrast, saturation (each a factor in 1 +- VIEW_JITTER from u[:, :3]), then
+    grey where u[:, 3] < VIEW_GREY. x: (B, 3, H, W) in [0, 1]."""
+    factor = (1 + VIEW_JITTER * (2 * u[:, :3] - 1)).to(x.dtype)[:, :, None, None, None]
+    x = (x * factor[:, 0]).clamp(0, 1)  # brightness
+    mean = _grey(x).mean((1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+    x = (mean + (x - mean) * factor[:, 1]).clamp(0, 1)  # contrast
+    grey = _grey(x)
+    x = (grey + (x - grey) * factor[:, 2]).clamp(0, 1)  # saturation
+    return torch.where(u[:, 3, None, None, None] < VIEW_GREY, _grey(x).expand_as(x), x)
+
+
+def random_view(images, u):
+    """A random view of each image, the batch at once (SimCLR's for CIFAR-10, less the hue):
+    a crop of random area and shape resized back to the image's size, a horizontal flip, and
+    random colour changes.
+
+    Args:
+        images: (B, C, H, W) uint8 images.
+        u: (B, VIEW_DRAWS) numbers in [0, 1) per image: the crop's area and aspect ratio, its
+            centre's column and row, the flip (where < 0.5), then brightness, contrast and
+            saturation, and the grey (where < VIEW_GREY). Colour changes need C = 3.
+
+    Returns:
+        (B, C, H, W) uint8: the crop (area a * H * W, width over height r, both drawn
+        log-uniformly for r, uniformly for a, and shrunk to fit the image) sampled bilinearly
+        onto the H x W grid, mirrored where drawn, its colours changed.
+    """
+    u = torch.as_tensor(u, dtype=torch.float64)
+    area = VIEW_AREA[0] + (VIEW_AREA[1] - VIEW_AREA[0]) * u[:, 0]
+    log_low, log_high = np.log(VIEW_RATIO[0]), np.log(VIEW_RATIO[1])
+    ratio = torch.exp(log_low + (log_high - log_low) * u[:, 1])
+    # Width and height as fractions of the image's, so [-1, 1] in affine_grid's units.
+    width, height = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)
+    centre_x, centre_y = (1 - width) * (2 * u[:, 2] - 1), (1 - height) * (2 * u[:, 3] - 1)
+    flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
+    zero = torch.zeros_like(area)
+    theta = torch.stack([torch.stack([width * flip, zero, centre_x], -1),
+                         torch.stack([zero, height, centre_y], -1)], 1).float()  # (B, 2, 3)
+    x = images.float() / 255.0
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    x = torch.nn.functional.grid_sample(x, grid, align_corners=False)  # (B, C, H, W)
+    if x.shape[1] == 3:
+        x = _colour(x, u[:, 5:].float())
+    return (x * 255.0).round_().to(torch.uint8)
+
+
+class TwoViews(Dataset):
+    """A training split that hands out two random views of every image (`random_view`), for
+    the contrastive loss of --contrast_dim: a batch of B images comes out as 2B, the first
+    views of the B images then their second views, labels and positions repeated to match.
+
+    Each view is drawn from the hash of (seed, draw, image), as `Augmented`'s crops are, so a
+    batch's views do not depend on its company, its worker or a resume. Evaluation passes (draw
+    None) get the images as they are stored, once.
+    """
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+        self.image_shape = dataset.image_shape
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        images, labels, positions = self.dataset[key]
+        draw = key[1]
+        if draw is None:
+            return images, labels, positions
+        u = torch.from_numpy(_uniform(self.seed, draw, positions.numpy(),
+                                      CONTRAST_VIEWS * VIEW_DRAWS))  # (B, 2 * VIEW_DRAWS)
+        views = [random_view(images, part) for part in u.split(VIEW_DRAWS, dim=1)]
+        return (torch.cat(views), labels.repeat(CONTRAST_VIEWS),
+                positions.repeat(CONTRAST_VIEWS))  # (2B, C, H, W), (2B,), (2B,)
 
     def boxes(self, positions):
         return self.dataset.boxes(positions)

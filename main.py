@@ -15,7 +15,7 @@ from config import (
     train_config,
 )
 from data_loader import Batching, make_loader, to_float
-from datasets import Augmented, load_data
+from datasets import Augmented, TwoViews, load_data
 from plot_glimpses import write_glimpse_data
 from trainer import NonFiniteLossError, Trainer, TrainingInterrupted, print_main
 from utils import (
@@ -83,10 +83,14 @@ def batching(trainer):
 
 
 def loaders(trainer, data):
-    """The training loader, its images cropped and flipped with --augment, and the validation
-    loader, never augmented."""
+    """The training loader, its images cropped and flipped with --augment, or two random views
+    of each with --contrast_dim, and the validation loader, never augmented."""
     cfg = trainer.train_cfg
-    train_set = Augmented(data.train, cfg.random_seed) if cfg.augment else data.train
+    train_set = data.train
+    if trainer.cfg.contrast_dim is not None:
+        train_set = TwoViews(data.train, cfg.random_seed)
+    elif cfg.augment:
+        train_set = Augmented(data.train, cfg.random_seed)
     return (make_loader(train_set, batching(trainer), shuffle=True),
             make_loader(data.valid, batching(trainer), shuffle=False))
 

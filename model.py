@@ -16,6 +16,7 @@ from modules import (
     GlimpseNetwork,
     MLPDecoder,
     ModelConfig,
+    Projector,
     Retina,
     WritingDecoder,
     location_to_pixels,
@@ -43,6 +44,8 @@ class Rollout:
     patches: (T, B, k, C, g, g) the normalised patches the sensor delivered, or None.
     entropy: (T,) the policy's entropy at each glimpse (nats) where its std is a weight
         (--learn_std) and it explores; None otherwise, and when the rollout follows a given path.
+    projection: (B, contrast_dim) the Projector's output from the code, not detached, in
+        training mode with --contrast_dim; None otherwise.
     """
 
     locations: torch.Tensor
@@ -57,6 +60,7 @@ class Rollout:
     recon: torch.Tensor | None
     patches: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
+    projection: torch.Tensor | None = None
 
 
 DECODES = ("every", "last", "plots")  # what the rollout decodes: see RecurrentAttention.forward
@@ -84,6 +88,7 @@ class RecurrentAttention(nn.Module):
         decoder = (WritingDecoder if cfg.write == "glimpse"
                    else MLPDecoder if cfg.decoder_hidden is not None else Decoder)
         self.decoder = decoder(cfg) if cfg.decoder else None  # pure RAM has none
+        self.projector = None if cfg.contrast_dim is None else Projector(cfg)
         shape = (1, cfg.num_channels, 1, 1)
         # The dataset's pixel statistics, (1, C, 1, 1); not cfg.std, the policy's spread.
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(shape),
@@ -146,6 +151,9 @@ class RecurrentAttention(nn.Module):
                 patches.append(phi)
         states, locations = torch.stack(states), torch.stack(locations)  # (T, paths*B, ...)
         code = states.sum(0) if cfg.probe_input == "summed" else h  # (paths*B, hidden)
+        # The contrastive loss is a training loss: evaluation leaves the head out.
+        contrast = self.projector is not None and self.training
+        projection = self.projector(code) if contrast else None  # (paths*B, contrast_dim)
         code = code if cfg.objective == "supervised" else code.detach()  # unsupervised: a probe
         # No canvas for the linear decoder (Gram form); the writing and MLP ones build them.
         errors = None if self.decoder is None else self.decoder.errors(
@@ -164,6 +172,7 @@ class RecurrentAttention(nn.Module):
             recon=self.decoder(states, locations) if canvases else None,
             patches=torch.stack(patches) if patches else None,  # taken for the plots only
             entropy=self.locator.entropy() if path is None else None,
+            projection=projection,
         )
 
 
@@ -191,6 +200,7 @@ class LossWeights:
     reinforce_weight: float = 1.0
     baseline_weight: float = 1.0
     entropy_weight: float = 0.0
+    contrast_weight: float = 1.0
 
     def __post_init__(self):
         for name, value in vars(self).items():
@@ -199,6 +209,28 @@ class LossWeights:
 
 
 ADVANTAGE_EPS = 1e-6
+
+
+def contrastive_loss(z, temperature):
+    """NT-Xent, SimCLR's loss (Chen et al., 2020): each view must pick out the other view of its
+    image among all 2B - 1 other views of the batch.
+
+    Args:
+        z: (2B, d) projections; rows b and b + B are the two views of image b.
+        temperature: the softmax's temperature over cosine similarities.
+    Returns:
+        The mean over the 2B views of -log softmax_j(cos(z_i, z_j) / temperature) at j = the
+        other view, the softmax over every j != i.
+    """
+    n = z.shape[0]
+    if n % 2:
+        raise ValueError(f"the contrastive loss needs two views of each image, got {n} rows")
+    z = F.normalize(z.float(), dim=1)
+    similarity = z @ z.T / temperature  # (2B, 2B)
+    itself = torch.eye(n, dtype=torch.bool, device=z.device)
+    similarity = similarity.masked_fill(itself, float("-inf"))
+    other_view = torch.arange(n, device=z.device).roll(n // 2)  # (2B,): b <-> b + B
+    return F.cross_entropy(similarity, other_view)
 
 
 def compute_losses(out: Rollout, y, cfg: ModelConfig, weights: LossWeights):
@@ -220,6 +252,8 @@ def compute_losses(out: Rollout, y, cfg: ModelConfig, weights: LossWeights):
     baseline: MSE between b_t and G_t.
     entropy: the policy's entropy summed over the T glimpses, where its std is learned (0
         otherwise); the total subtracts `entropy_weight` times it, a bonus for exploring.
+    contrast: `contrastive_loss` of the two views of each image (--contrast_dim; the rollout's
+        columns b and b + B), 0 without a projection. No label enters it.
     """
     losses = {"recon": out.log_pi.new_zeros(()) if out.errors is None else out.errors.mean(),
               "classify": F.nll_loss(out.log_probs, y)}
@@ -244,12 +278,15 @@ def compute_losses(out: Rollout, y, cfg: ModelConfig, weights: LossWeights):
     losses["reinforce"] = -(out.log_pi * advantage).sum(0).mean()
     losses["baseline"] = F.mse_loss(out.baselines, returns)
     losses["entropy"] = out.log_pi.new_zeros(()) if out.entropy is None else out.entropy.sum()
+    losses["contrast"] = (out.log_pi.new_zeros(()) if out.projection is None
+                          else contrastive_loss(out.projection, cfg.temperature))
     losses["total"] = (
         weights.recon_weight * losses["recon"]
         + weights.classify_weight * losses["classify"]
         + weights.reinforce_weight * losses["reinforce"]
         + weights.baseline_weight * losses["baseline"]
         - weights.entropy_weight * losses["entropy"]
+        + weights.contrast_weight * losses["contrast"]
     )
     return losses
 

@@ -69,6 +69,8 @@ class ModelConfig:
     write: str = "none"  # "glimpse": the decoder also writes at the glimpse (WritingDecoder)
     decoder_hidden: int | None = None  # None: the linear decoder; N: plus a ReLU layer (MLPDecoder)
     location_grad: str = "none"  # "pathwise": the losses' gradient reaches the locations too
+    contrast_dim: int | None = None  # None: no contrastive loss; N: Projector's output width
+    temperature: float = 0.5  # of the contrastive loss (model.contrastive_loss)
 
     def __post_init__(self):
         for name in ("image_size", "num_channels", "num_classes", "patch_size", "glimpse_scale",
@@ -97,6 +99,7 @@ class ModelConfig:
             raise ValueError("--write=glimpse writes the decoder's increments: pure RAM "
                              "(--recon_weight=0 under supervised) has no decoder")
         self._check_decoder_hidden()
+        self._check_contrast()
         if not self.decoder and self.objective == "unsupervised":
             raise ValueError("the unsupervised objective needs the decoder: its reward is the "
                              "reconstruction error")
@@ -120,6 +123,22 @@ class ModelConfig:
         if self.write != "none":
             raise ValueError("--decoder_hidden and --write=glimpse are two different decoders: "
                              "leave one out")
+
+    def _check_contrast(self):
+        """--contrast_dim and --temperature: a whole width, on colour photographs."""
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"--temperature must be a finite number above 0, got "
+                             f"{self.temperature}")
+        if self.contrast_dim is None:
+            if self.temperature != ModelConfig.temperature:
+                raise ValueError("--temperature sets the contrastive loss: add --contrast_dim, "
+                                 "or leave --temperature out")
+            return
+        _check_whole("contrast_dim", self.contrast_dim)
+        if self.dataset != "cifar10":
+            raise ValueError(f"--contrast_dim trains on random views of each image (crops, "
+                             f"flips, colour changes): it is for --dataset=cifar10, not "
+                             f"{self.dataset}")
 
     def _check_policy_schedule(self):
         """--std_final, --policy_epochs, --location_grad and --learn_std: for a policy that
@@ -167,6 +186,7 @@ WRITES = ("none", "glimpse")  # where the decoder writes: see Decoder and Writin
 # How the learned policy learns: "none", RAM's REINFORCE alone (a location is an action);
 # "pathwise", also the losses' own gradient, through a sensor that reads between pixels.
 LOCATION_GRADS = ("none", "pathwise")
+CONTRAST_VIEWS = 2  # views of each training image under --contrast_dim (datasets.TwoViews)
 CONV_CHANNELS = 32  # feature maps of each convolution of the conv glimpse encoder
 # Where a learned std (--learn_std) may go: 1e-4 to 1 in location units ([-1, 1] spans the image).
 LOG_STD_MIN, LOG_STD_MAX = math.log(1e-4), 0.0
@@ -780,6 +800,30 @@ class Classifier(nn.Module):
 
     def forward(self, h):
         return F.log_softmax(self.fc(self.norm(h)), dim=-1)
+
+
+class Projector(nn.Module):
+    """The contrastive loss's head (SimCLR's): z = W_2 relu(BN(W_1 c)), read from the model's
+    code c (the classifier's input, before the unsupervised objective detaches it), so that the
+    loss shapes the code without asking it to be the space the views are compared in.
+
+    Args of forward:
+        c: (B, hidden_size); B > 1 in training mode.
+    Returns:
+        (B, contrast_dim).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False),
+            nn.BatchNorm1d(cfg.hidden_size),
+            nn.ReLU(),
+            nn.Linear(cfg.hidden_size, cfg.contrast_dim),
+        )
+
+    def forward(self, c):
+        return self.net(c)
 
 
 class _SquaredNorms(torch.autograd.Function):

@@ -32,7 +32,7 @@ from model import (
     glimpse_hits,
     psnr,
 )
-from modules import ModelConfig, policy_std
+from modules import CONTRAST_VIEWS, ModelConfig, policy_std
 from utils import (
     SINGLE_PROCESS,
     UserError,
@@ -53,15 +53,18 @@ OLDER_MODEL_CONFIG = {"reward": "sum", "baseline": "shared", "probe_input": "las
                       "policy_input": "state", "dataset": "cifar10", "decoder": True,
                       "core": "rnn", "glimpse_encoder": "linear", "std_final": None,
                       "policy_epochs": None, "write": "none", "decoder_hidden": None,
-                      "location_grad": "none", "learn_std": False}
+                      "location_grad": "none", "learn_std": False, "contrast_dim": None,
+                      "temperature": 0.5}
 # What a run written before a TrainConfig field existed did: the plateau schedule, no augmentation,
 # one learning rate for every weight.
 OLDER_TRAIN_CONFIG = {"schedule": "plateau", "augment": False, "policy_lr": None}
-# What a run written before a loss weight existed did: no entropy bonus.
-OLDER_LOSS_WEIGHTS = {"entropy_weight": 0.0}
+# What a run written before a loss weight existed did: no entropy bonus (and no contrastive
+# loss, whose weight does nothing without --contrast_dim).
+OLDER_LOSS_WEIGHTS = {"entropy_weight": 0.0, "contrast_weight": 1.0}
 METRICS_NAME = "metrics.jsonl"  # one JSON line per epoch in the run's checkpoint folder
 NOISE_STRIDE = 1_000_003  # a prime above any split size: (seed, image) pairs never collide
-LOSS_TERMS = ("recon", "classify", "reinforce", "baseline", "entropy", "total")  # its keys
+LOSS_TERMS = ("recon", "classify", "reinforce", "baseline", "entropy", "contrast",
+              "total")  # compute_losses' keys
 
 # How a resumed run treats a flag that differs from its checkpoint's run: a refused change is
 # an error (why, below); any other is applied from now on, with a note (what it does, below).
@@ -139,11 +142,13 @@ class EpochTally:
     """An epoch's sums of the losses (each times its batch size) and of correct answers.
 
     They stay on the device: `running` reads them every --print_freq steps for the progress
-    bar, `metrics` once at the end.
+    bar, `metrics` once at the end. Batches count views: with `views` of each image
+    (--contrast_dim), images per second is views per second over `views`.
     """
 
-    def __init__(self):
+    def __init__(self, views=1):
         self.sums, self.correct, self.seen = dict.fromkeys(LOSS_TERMS, 0.0), 0, 0
+        self.views = views
 
     def add(self, losses, correct, batch):
         for name in LOSS_TERMS:
@@ -164,7 +169,7 @@ class EpochTally:
         metrics = {f"train_{name}": value / seen
                    for name, value in zip(LOSS_TERMS, totals, strict=False)}
         metrics["train_acc"] = 100.0 * totals[-2] / seen
-        metrics["train_images_per_s"] = seen / elapsed
+        metrics["train_images_per_s"] = seen / self.views / elapsed
         return metrics
 
 
@@ -558,7 +563,8 @@ class Trainer:
         process) and whether a stop ended them."""
         self.model.train()
         self._follow_policy_schedule()
-        tally, stopped, start = EpochTally(), False, time.perf_counter()
+        views = 1 if self.cfg.contrast_dim is None else CONTRAST_VIEWS
+        tally, stopped, start = EpochTally(views), False, time.perf_counter()
         bar = progress(train_loader.epoch(self.epoch), self.procs, desc=f"epoch {self.epoch + 1}",
                        unit="batch", leave=False)
         for step, (images, labels, _) in enumerate(bar, start=1):
