@@ -328,7 +328,9 @@ def random_view(images, u):
                          torch.stack([zero, height, centre_y], -1)], 1).float()  # (B, 2, 3)
     x = images.float() / 255.0
     grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-    x = torch.nn.functional.grid_sample(x, grid, align_corners=False)  # (B, C, H, W)
+    # "border": a crop on the image's edge repeats its last pixel rather than fading to black.
+    x = torch.nn.functional.grid_sample(x, grid, padding_mode="border",
+                                        align_corners=False)  # (B, C, H, W)
     if x.shape[1] == 3:
         x = _colour(x, u[:, 5:].float())
     return (x * 255.0).round_().to(torch.uint8)
