@@ -184,17 +184,9 @@ def _core_flags(p):
                       "by side; states: the core's T states h_1..h_T side by side")
 
 
-def _loss_flags(p):
-    loss = p.add_argument_group("objective and loss weights")
-    loss.add_argument("--objective", choices=OBJECTIVES, default="unsupervised",
-                      help="unsupervised: reconstruction trains the model and picks its "
-                      "checkpoint, labels reach only a probe on the detached code; supervised: "
-                      "RAM's hybrid loss")
-    loss.add_argument("--reward", choices=REWARDS, default="sum",
-                      help="unsupervised reward of a location: sum: minus the errors after its "
-                      "glimpse and every later one; gain: how much its own glimpse lowered the "
-                      "error; final: minus the error after the last glimpse, the figure PSNR "
-                      "reports")
+def _decoder_flags(loss):
+    """The flags of what the code is trained to do besides reconstructing linearly, in the
+    "objective and loss weights" group `loss`."""
     loss.add_argument("--write", choices=WRITES, default="none",
                       help="none: each step's increment is W h_t + b (the seed's linear decoder); "
                       "glimpse: plus V h_t written back where its glimpse was taken, through the "
@@ -214,6 +206,20 @@ def _loss_flags(p):
     loss.add_argument("--temperature", type=positive_float, default=0.5,
                       help="temperature of the contrastive loss's softmax over cosine "
                       "similarities (with --contrast_dim)")
+
+
+def _loss_flags(p):
+    loss = p.add_argument_group("objective and loss weights")
+    loss.add_argument("--objective", choices=OBJECTIVES, default="unsupervised",
+                      help="unsupervised: reconstruction trains the model and picks its "
+                      "checkpoint, labels reach only a probe on the detached code; supervised: "
+                      "RAM's hybrid loss")
+    loss.add_argument("--reward", choices=REWARDS, default="sum",
+                      help="unsupervised reward of a location: sum: minus the errors after its "
+                      "glimpse and every later one; gain: how much its own glimpse lowered the "
+                      "error; final: minus the error after the last glimpse, the figure PSNR "
+                      "reports")
+    _decoder_flags(loss)
     loss.add_argument("--probe_input", choices=PROBE_INPUTS, default="summed",
                       help="what the classifier reads: summed: s_T = h_1 + ... + h_T, the code "
                       "the decoder reads; last: h_T")

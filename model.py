@@ -109,6 +109,16 @@ class RecurrentAttention(nn.Module):
         l = path[t].to(h.dtype).expand(h.shape[0], 2)  # (paths*B, 2)
         return l, h.new_zeros(h.shape[0]), l
 
+    def _code(self, states):
+        """The code the classifier reads from the states (T, N, hidden): s_T or h_T (N, hidden),
+        detached under `unsupervised`, where the classifier is a probe; and the Projector's
+        output from it, not detached, in training mode with --contrast_dim (else None)."""
+        code = states.sum(0) if self.cfg.probe_input == "summed" else states[-1]  # (N, hidden)
+        # The contrastive loss is a training loss: evaluation leaves the head out.
+        contrast = self.projector is not None and self.training
+        projection = self.projector(code) if contrast else None  # (N, contrast_dim)
+        return code if self.cfg.objective == "supervised" else code.detach(), projection
+
     def forward(self, x, decode="every", noise=None, paths=1, path=None):
         """Roll out all glimpses over a batch.
 
@@ -150,11 +160,7 @@ class RecurrentAttention(nn.Module):
             if decode == "plots":
                 patches.append(phi)
         states, locations = torch.stack(states), torch.stack(locations)  # (T, paths*B, ...)
-        code = states.sum(0) if cfg.probe_input == "summed" else h  # (paths*B, hidden)
-        # The contrastive loss is a training loss: evaluation leaves the head out.
-        contrast = self.projector is not None and self.training
-        projection = self.projector(code) if contrast else None  # (paths*B, contrast_dim)
-        code = code if cfg.objective == "supervised" else code.detach()  # unsupervised: a probe
+        code, projection = self._code(states)
         # No canvas for the linear decoder (Gram form); the writing and MLP ones build them.
         errors = None if self.decoder is None else self.decoder.errors(
             states, x, last_only=decode == "last", locations=locations)
