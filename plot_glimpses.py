@@ -338,7 +338,9 @@ def write_gif(data, path):
 
 
 CURVES = (  # metrics.jsonl key, panel title
-    ("train_recon", "train reconstruction MSE"), ("valid_psnr", "validation PSNR (dB)"),
+    ("train_recon", "train reconstruction MSE"),
+    ("train_contrast", "train contrastive loss (--contrast_dim)"),
+    ("valid_psnr", "validation PSNR (dB)"),
     ("valid_acc", "validation accuracy (%, probe under unsupervised)"),
     ("valid_loc_spread", "location spread across images"),
     ("valid_distinct", "distinct glimpses per episode"),

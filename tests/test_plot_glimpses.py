@@ -197,8 +197,9 @@ def test_an_unwritable_output_folder_is_one_line(saved, monkeypatch, capsys):
 
 
 def test_curves_leave_out_what_no_run_measured(tmp_path):
-    pure_ram = [{"epoch": e, "train_recon": 0.0, "valid_psnr": float("nan"), "valid_acc": 90.0 + e,
-                 "valid_hit_rate": 40.0 + e, "train_images_per_s": 1000.0} for e in (1, 2)]
+    pure_ram = [{"epoch": e, "train_recon": 0.0, "train_contrast": 0.0, "valid_psnr": float("nan"),
+                 "valid_acc": 90.0 + e, "valid_hit_rate": 40.0 + e, "train_images_per_s": 1000.0}
+                for e in (1, 2)]
     panels = [key for key, _ in plot_glimpses.curve_panels({"translated": pure_ram})]
     assert panels == ["valid_acc", "valid_hit_rate", "train_images_per_s"]  # no reconstruction
     out = plot_glimpses.draw_curves({"translated": pure_ram}, str(tmp_path / "curves.png"))
