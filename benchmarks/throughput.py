@@ -29,6 +29,7 @@ from config import (  # noqa: E402
     positive_int,
 )
 from model import RecurrentAttention, compute_losses  # noqa: E402
+from modules import CONTRAST_VIEWS  # noqa: E402
 from trainer import make_optimizer  # noqa: E402
 from utils import UserError, autocast, compile_model, pick_device  # noqa: E402
 
@@ -74,19 +75,22 @@ def parse(argv):
 
 def steps(args, cfg, device):
     """The model, and the three things measured on random images of the dataset's shape: a
-    training step, an evaluation pass (one path, final image only) and the sensor's glimpses."""
+    training step, an evaluation pass (one path, final image only) and the sensor's glimpses.
+    With --contrast_dim a training step rolls out two views of each of the batch's images, as
+    training does, and still counts as one batch of images."""
     model = RecurrentAttention(cfg).to(device)
     step_model = compile_model(model, device) if args.compile else model
     optimizer = make_optimizer(model, args.init_lr, device, args.policy_lr)
     weights = loss_weights(args)
     B = args.batch_size
-    x = torch.rand(B, cfg.num_channels, cfg.image_size, cfg.image_size, device=device)
-    y = torch.randint(0, cfg.num_classes, (B,), device=device)
+    views = 1 if cfg.contrast_dim is None else CONTRAST_VIEWS
+    x = torch.rand(views * B, cfg.num_channels, cfg.image_size, cfg.image_size, device=device)
+    y = torch.randint(0, cfg.num_classes, (views * B,), device=device)
     locations = torch.rand(cfg.num_glimpses, B, 2, device=device) * 2 - 1
 
     def train_step():
         with autocast(device, args.amp):
-            out = step_model(x)
+            out = step_model(x)  # (views * B) rollouts
             losses = compute_losses(out, y, cfg, weights)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
@@ -95,11 +99,11 @@ def steps(args, cfg, device):
     @torch.no_grad()
     def eval_step():
         with autocast(device, args.amp):
-            step_model(x, decode="last")
+            step_model(x[:B], decode="last")
 
     @torch.no_grad()
     def sensor_step():
-        prepared = model.retina.prepare(x)
+        prepared = model.retina.prepare(x[:B])
         for l in locations:
             model.retina(prepared, l)
 

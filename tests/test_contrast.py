@@ -4,6 +4,9 @@ training image (datasets.random_view, datasets.TwoViews, model.contrastive_loss)
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ import torch
 
 import main
 from config import TrainConfig, model_config, model_name, parse_args
+from conftest import ROOT
 from data_loader import ImageBatches
 from datasets import GREY_WEIGHTS, VIEW_DRAWS, TwoViews, random_view
 from model import LossWeights, RecurrentAttention, compute_losses, contrastive_loss
@@ -173,3 +177,18 @@ def test_flags_name_the_run_train_test_and_refuse_what_has_no_sense(tiny_cifar, 
         assert code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and message in err
+
+
+def test_the_benchmark_counts_two_views_per_image():
+    def flops(*extra):
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"),
+                               "--seconds=0.3", "--threads=1", "--num_glimpses=3",
+                               "--hidden_size=32", "--policy=grid", *extra],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.strip().splitlines()[-1])["train_flops_per_image"]
+
+    # 16 images as 32 rollouts against 32 images, each of one rollout: per image, twice the
+    # arithmetic, plus the small head and the similarities.
+    ratio = flops("--contrast_dim=8", "--batch_size=16") / flops("--batch_size=32")
+    assert 2.0 <= ratio < 2.1
