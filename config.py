@@ -184,9 +184,10 @@ def _core_flags(p):
                       "by side; states: the core's T states h_1..h_T side by side")
 
 
-def _decoder_flags(loss):
-    """The flags of what the code is trained to do besides reconstructing linearly, in the
-    "objective and loss weights" group `loss`."""
+def _code_flags(loss):
+    """The flags of what the code is trained to do besides the linear reconstruction (a decoder
+    that writes, a decoder with a hidden layer, the contrastive loss), in the "objective and
+    loss weights" group `loss`."""
     loss.add_argument("--write", choices=WRITES, default="none",
                       help="none: each step's increment is W h_t + b (the seed's linear decoder); "
                       "glimpse: plus V h_t written back where its glimpse was taken, through the "
@@ -201,8 +202,8 @@ def _decoder_flags(loss):
                       help="left out: reconstruction alone; N: also SimCLR's contrastive loss, "
                       "through a head of N outputs on the code: every training image comes as "
                       "two random views (a resized crop, a flip, colour changes; cifar10 only), "
-                      "each reconstructed, and each view's code must pick out the other's among "
-                      "the batch's (no label; twice the training arithmetic)")
+                      "each rolled out as an image, and each view's code must pick out the "
+                      "other's among the batch's (no label; twice the training arithmetic)")
     loss.add_argument("--temperature", type=positive_float, default=0.5,
                       help="temperature of the contrastive loss's softmax over cosine "
                       "similarities (with --contrast_dim)")
@@ -219,7 +220,7 @@ def _loss_flags(p):
                       "glimpse and every later one; gain: how much its own glimpse lowered the "
                       "error; final: minus the error after the last glimpse, the figure PSNR "
                       "reports")
-    _decoder_flags(loss)
+    _code_flags(loss)
     loss.add_argument("--probe_input", choices=PROBE_INPUTS, default="summed",
                       help="what the classifier reads: summed: s_T = h_1 + ... + h_T, the code "
                       "the decoder reads; last: h_T")
@@ -489,11 +490,14 @@ def train_config(args):
 
 
 def loss_weights(args):
-    """The LossWeights the flags give; an entropy bonus without a learned std is a UserError
-    (it would move nothing)."""
+    """The LossWeights the flags give; an entropy bonus without a learned std, or a contrastive
+    weight without the contrastive loss, is a UserError (it would move nothing)."""
     if args.entropy_weight > 0 and not args.learn_std:
         raise UserError("--entropy_weight rewards a learned std's spread: add "
                         "--learn_std=true, or leave --entropy_weight out")
+    if args.contrast_weight != LossWeights.contrast_weight and args.contrast_dim is None:
+        raise UserError("--contrast_weight weighs the contrastive loss: add --contrast_dim, "
+                        "or leave --contrast_weight out")
     return LossWeights(recon_weight=args.recon_weight, classify_weight=args.classify_weight,
                        reinforce_weight=args.reinforce_weight,
                        baseline_weight=args.baseline_weight, entropy_weight=args.entropy_weight,

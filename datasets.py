@@ -42,8 +42,8 @@ EVAL_DRAW = 2**40  # the draw of the fixed canvases; training draws are epochs, 
 STATS_DRAW = EVAL_DRAW + 1  # the draw whose training canvases give the pixel statistics
 STATS_IMAGES = 5000
 PAD = 4  # --augment: zero pixels added on each side before the random crop
-# --contrast_dim's views (random_view), SimCLR's ranges for CIFAR-10 (Chen et al., 2020):
-VIEW_AREA = (0.2, 1.0)  # fraction of the image the crop covers
+# --contrast_dim's views (random_view), after SimCLR's (Chen et al., 2020):
+VIEW_AREA = (0.2, 1.0)  # fraction of the image the crop covers (SimCLR: 0.08; MoCo's CIFAR: 0.2)
 VIEW_RATIO = (3 / 4, 4 / 3)  # the crop's width over its height
 VIEW_JITTER = 0.4  # brightness, contrast and saturation each scaled by 1 +- up to this
 VIEW_GREY = 0.2  # probability that a view loses its colour
@@ -300,9 +300,10 @@ def _colour(x, u):
 
 
 def random_view(images, u):
-    """A random view of each image, the batch at once (SimCLR's for CIFAR-10, less the hue):
-    a crop of random area and shape resized back to the image's size, a horizontal flip, and
-    random colour changes.
+    """A random view of each image, the batch at once, after SimCLR's: a crop of random area and
+    shape resized back to the image's size, a horizontal flip, and random colour changes. Unlike
+    SimCLR's, the crop keeps at least a fifth of the image (SimCLR: 8%), the colour changes are
+    always applied (SimCLR: with probability 0.8), in a fixed order, and the hue is kept.
 
     Args:
         images: (B, C, H, W) uint8 images.
@@ -359,7 +360,7 @@ class TwoViews(Dataset):
         if draw is None:
             return images, labels, positions
         u = torch.from_numpy(_uniform(self.seed, draw, positions.numpy(),
-                                      CONTRAST_VIEWS * VIEW_DRAWS))  # (B, 2 * VIEW_DRAWS)
+                                      CONTRAST_VIEWS * VIEW_DRAWS))  # (B, views * draws)
         views = [random_view(images, part) for part in u.split(VIEW_DRAWS, dim=1)]
         return (torch.cat(views), labels.repeat(CONTRAST_VIEWS),
                 positions.repeat(CONTRAST_VIEWS))  # (2B, C, H, W), (2B,), (2B,)

@@ -109,13 +109,14 @@ class RecurrentAttention(nn.Module):
         l = path[t].to(h.dtype).expand(h.shape[0], 2)  # (paths*B, 2)
         return l, h.new_zeros(h.shape[0]), l
 
-    def _code(self, states):
+    def _code(self, states, paths):
         """The code the classifier reads from the states (T, N, hidden): s_T or h_T (N, hidden),
         detached under `unsupervised`, where the classifier is a probe; and the Projector's
-        output from it, not detached, in training mode with --contrast_dim (else None)."""
+        output from it, not detached, in training mode with --contrast_dim and one path per
+        image, the batch's views side by side (else None)."""
         code = states.sum(0) if self.cfg.probe_input == "summed" else states[-1]  # (N, hidden)
         # The contrastive loss is a training loss: evaluation leaves the head out.
-        contrast = self.projector is not None and self.training
+        contrast = self.projector is not None and self.training and paths == 1
         projection = self.projector(code) if contrast else None  # (N, contrast_dim)
         return code if self.cfg.objective == "supervised" else code.detach(), projection
 
@@ -160,7 +161,7 @@ class RecurrentAttention(nn.Module):
             if decode == "plots":
                 patches.append(phi)
         states, locations = torch.stack(states), torch.stack(locations)  # (T, paths*B, ...)
-        code, projection = self._code(states)
+        code, projection = self._code(states, paths)
         # No canvas for the linear decoder (Gram form); the writing and MLP ones build them.
         errors = None if self.decoder is None else self.decoder.errors(
             states, x, last_only=decode == "last", locations=locations)
@@ -219,7 +220,8 @@ ADVANTAGE_EPS = 1e-6
 
 def contrastive_loss(z, temperature):
     """NT-Xent, SimCLR's loss (Chen et al., 2020): each view must pick out the other view of its
-    image among all 2B - 1 other views of the batch.
+    image among all 2B - 1 other views of the batch (of this process: under torchrun the
+    negatives are not gathered across processes).
 
     Args:
         z: (2B, d) projections; rows b and b + B are the two views of image b.
@@ -231,8 +233,9 @@ def contrastive_loss(z, temperature):
     n = z.shape[0]
     if n % 2:
         raise ValueError(f"the contrastive loss needs two views of each image, got {n} rows")
-    z = F.normalize(z.float(), dim=1)
-    similarity = z @ z.T / temperature  # (2B, 2B)
+    with torch.autocast(z.device.type, enabled=False):  # --amp: cosines to float32's precision
+        z = F.normalize(z.float(), dim=1)
+        similarity = z @ z.T / temperature  # (2B, 2B)
     itself = torch.eye(n, dtype=torch.bool, device=z.device)
     similarity = similarity.masked_fill(itself, float("-inf"))
     other_view = torch.arange(n, device=z.device).roll(n // 2)  # (2B,): b <-> b + B

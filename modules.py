@@ -163,6 +163,11 @@ class ModelConfig:
         return [self.patch_size * self.glimpse_scale**i for i in range(self.num_patches)]
 
     @property
+    def views(self):
+        """Rollouts per training image: two views under --contrast_dim, else the image once."""
+        return 1 if self.contrast_dim is None else CONTRAST_VIEWS
+
+    @property
     def largest_patch(self):
         return self.patch_sizes[-1]
 

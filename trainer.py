@@ -32,7 +32,7 @@ from model import (
     glimpse_hits,
     psnr,
 )
-from modules import CONTRAST_VIEWS, ModelConfig, policy_std
+from modules import ModelConfig, policy_std
 from utils import (
     SINGLE_PROCESS,
     UserError,
@@ -563,8 +563,7 @@ class Trainer:
         process) and whether a stop ended them."""
         self.model.train()
         self._follow_policy_schedule()
-        views = 1 if self.cfg.contrast_dim is None else CONTRAST_VIEWS
-        tally, stopped, start = EpochTally(views), False, time.perf_counter()
+        tally, stopped, start = EpochTally(self.cfg.views), False, time.perf_counter()
         bar = progress(train_loader.epoch(self.epoch), self.procs, desc=f"epoch {self.epoch + 1}",
                        unit="batch", leave=False)
         for step, (images, labels, _) in enumerate(bar, start=1):
@@ -700,7 +699,9 @@ def format_epoch(epoch, epochs, m, is_best):
     """The one summary line printed per epoch."""
     return (f"epoch {epoch}/{epochs} | loss {m['train_total']:.4f} (recon {m['train_recon']:.4f}"
             f" classify {m['train_classify']:.3f} reinforce {m['train_reinforce']:.3f}"
-            f" baseline {m['train_baseline']:.4f}) | train acc {m['train_acc']:.2f}%"
+            f" baseline {m['train_baseline']:.4f}"
+            + (f" contrast {m['train_contrast']:.3f}" if m.get("train_contrast") else "")
+            + f") | train acc {m['train_acc']:.2f}%"
             f" | valid acc {m['valid_acc']:.2f}% mse {m['valid_mse']:.4f}"
             f" psnr {m['valid_psnr']:.2f} dB | {m['train_images_per_s']:.0f} img/s"
             f" | {m['epoch_s']:.1f} s | lr {m['lr']:.1e}" + (" | best" if is_best else ""))

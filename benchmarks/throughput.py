@@ -29,7 +29,6 @@ from config import (  # noqa: E402
     positive_int,
 )
 from model import RecurrentAttention, compute_losses  # noqa: E402
-from modules import CONTRAST_VIEWS  # noqa: E402
 from trainer import make_optimizer  # noqa: E402
 from utils import UserError, autocast, compile_model, pick_device  # noqa: E402
 
@@ -83,7 +82,7 @@ def steps(args, cfg, device):
     optimizer = make_optimizer(model, args.init_lr, device, args.policy_lr)
     weights = loss_weights(args)
     B = args.batch_size
-    views = 1 if cfg.contrast_dim is None else CONTRAST_VIEWS
+    views = cfg.views
     x = torch.rand(views * B, cfg.num_channels, cfg.image_size, cfg.image_size, device=device)
     y = torch.randint(0, cfg.num_classes, (views * B,), device=device)
     locations = torch.rand(cfg.num_glimpses, B, 2, device=device) * 2 - 1

@@ -13,14 +13,15 @@ import pytest
 import torch
 
 import main
-from config import TrainConfig, model_config, model_name, parse_args
+import plot_glimpses
+from config import TrainConfig, loss_weights, model_config, model_name, parse_args
 from conftest import ROOT
 from data_loader import ImageBatches
-from datasets import GREY_WEIGHTS, VIEW_DRAWS, TwoViews, random_view
+from datasets import GREY_WEIGHTS, TwoViews, random_view
 from model import LossWeights, RecurrentAttention, compute_losses, contrastive_loss
 from modules import ModelConfig
 from trainer import EpochTally, resume_changes
-from utils import SINGLE_PROCESS
+from utils import SINGLE_PROCESS, UserError
 
 SMALL = dict(glimpse_hidden=16, loc_hidden=8, hidden_size=32, num_glimpses=3, contrast_dim=8)
 TINY = ["--batch_size=20", "--M=1", "--num_glimpses=3", "--hidden_size=32",
@@ -70,6 +71,10 @@ def test_colour_changes_follow_their_formulas():
     mean = luma.mean((1, 2)).view(2, 1, 1, 1)
     expected = (mean + (x - mean) * 0.6).clamp(0, 1)
     assert (dull.int() - expected.mul(255).round().int()).abs().max() <= 1
+    # Saturation 0.6 pulls every pixel 40% of the way to its own luma.
+    pale = random_view(images, draws(2, saturation=0.0))
+    expected = (luma.unsqueeze(1) + (x - luma.unsqueeze(1)) * 0.6).clamp(0, 1)
+    assert (pale.int() - expected.mul(255).round().int()).abs().max() <= 1
 
 
 def stored_images(n=12, seed=0):
@@ -91,7 +96,6 @@ def test_two_views_of_each_image_fixed_by_the_seed_the_epoch_and_the_image():
     assert not torch.equal(TwoViews(stored_images(), seed=2)[index, 0][0], images)
     stored = stored_images()
     assert torch.equal(TwoViews(stored, seed=1)[index, None][0], stored.images)  # evaluation
-    assert len(PLAIN) == VIEW_DRAWS
 
 
 def test_contrastive_loss_is_the_hand_computed_nt_xent():
@@ -130,13 +134,16 @@ def test_the_loss_trains_the_code_and_no_label_reaches_it():
     model.eval()
     with torch.no_grad():
         assert model(x).projection is None  # evaluation leaves the head out
+        assert model.train()(x, paths=2).projection is None  # views pair up on one path only
+        model.eval()
     assert compute_losses(model(x), y1, cfg, LossWeights())["contrast"].item() == 0
     plain = ModelConfig(**{**SMALL, "contrast_dim": None})
     assert RecurrentAttention(plain).projector is None
 
 
 def test_images_per_second_counts_images_not_views():
-    tally = EpochTally(views=2)
+    assert ModelConfig(**SMALL).views == 2 and ModelConfig().views == 1
+    tally = EpochTally(views=ModelConfig(**SMALL).views)
     losses = {name: torch.tensor(1.0) for name in
               ("recon", "classify", "reinforce", "baseline", "entropy", "contrast", "total")}
     tally.add(losses, torch.tensor(10), 40)
@@ -151,6 +158,8 @@ def test_flags_name_the_run_train_test_and_refuse_what_has_no_sense(tiny_cifar, 
     assert model_name(cfg) == "ram_9_6x6_2_contrast64_temp0.2"
     with pytest.raises(ValueError, match="add --contrast_dim"):
         ModelConfig(temperature=0.2)
+    with pytest.raises(UserError, match="add --contrast_dim"):
+        loss_weights(parse_args(["--contrast_weight=0.5"]))
     with pytest.raises(ValueError, match="cifar10"):
         ModelConfig(dataset="mnist", image_size=28, num_channels=1, pixel_mean=(0.1,),
                     pixel_std=(0.3,), contrast_dim=8)
@@ -166,6 +175,9 @@ def test_flags_name_the_run_train_test_and_refuse_what_has_no_sense(tiny_cifar, 
     folder = tmp_path / "ckpt" / "ram_3_6x6_2_contrast8"
     line = json.loads((folder / "metrics.jsonl").read_text().splitlines()[0])
     assert line["train_contrast"] > 0
+    panels = [key for key, _ in plot_glimpses.curve_panels({"run": [line]})]
+    assert "train_contrast" in panels
+    assert " contrast " in capsys.readouterr().out  # in the epoch's summary line
     assert main.main([*flags, "--is_train=false"]) == 0
     capsys.readouterr()
     for bad, message in ((["--augment=true"], "leave --augment out"),
