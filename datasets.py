@@ -275,6 +275,10 @@ class Augmented(Dataset):
         draw = key[1]
         if draw is None:
             return images, labels, positions
+        return self.augment(images, labels, positions, draw)
+
+    def augment(self, images, labels, positions, draw):
+        """A training batch as it is handed out: here, each image cropped and flipped."""
         u = torch.from_numpy(_uniform(self.seed, draw, positions.numpy(), 3))  # (B, 3)
         return crop_and_flip(images, u), labels, positions
 
@@ -337,7 +341,7 @@ def random_view(images, u):
     return (x * 255.0).round_().to(torch.uint8)
 
 
-class TwoViews(Dataset):
+class TwoViews(Augmented):
     """A training split that hands out two random views of every image (`random_view`), for
     the contrastive loss of --contrast_dim: a batch of B images comes out as 2B, the first
     views of the B images then their second views, labels and positions repeated to match.
@@ -347,26 +351,12 @@ class TwoViews(Dataset):
     None) get the images as they are stored, once.
     """
 
-    def __init__(self, dataset, seed):
-        self.dataset, self.seed = dataset, seed
-        self.image_shape = dataset.image_shape
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        images, labels, positions = self.dataset[key]
-        draw = key[1]
-        if draw is None:
-            return images, labels, positions
+    def augment(self, images, labels, positions, draw):
         u = torch.from_numpy(_uniform(self.seed, draw, positions.numpy(),
                                       CONTRAST_VIEWS * VIEW_DRAWS))  # (B, views * draws)
         views = [random_view(images, part) for part in u.split(VIEW_DRAWS, dim=1)]
         return (torch.cat(views), labels.repeat(CONTRAST_VIEWS),
                 positions.repeat(CONTRAST_VIEWS))  # (2B, C, H, W), (2B,), (2B,)
-
-    def boxes(self, positions):
-        return self.dataset.boxes(positions)
 
 
 def _read_idx(path):
