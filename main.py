@@ -189,16 +189,20 @@ def test(trainer, data):
 
 
 def report_adaptivity(trainer, loader):
+    """The adaptivity test's line: each gain with one standard error over the test images
+    (paired: both paths of the same images)."""
     own, mean = trainer.adaptivity(loader)
+    points = f"{mean['acc_gain']:+.2f} ± {mean['acc_se']:.2f} points"
     if not trainer.cfg.decoder:  # accuracy alone
         print_main(trainer.procs, f"adaptivity (one path, no exploration noise): own paths "
                    f"accuracy {own['acc']:.2f}%; every image on the mean path accuracy "
-                   f"{mean['acc']:.2f}%; gain {own['acc'] - mean['acc']:+.2f} points")
+                   f"{mean['acc']:.2f}%; gain {points} (± one standard error, paired)")
         return
     print_main(trainer.procs, f"adaptivity (one path, no exploration noise): own paths psnr "
                f"{own['psnr']:.2f} dB, accuracy {own['acc']:.2f}%; every image on the mean "
                f"path psnr {mean['psnr']:.2f} dB, accuracy {mean['acc']:.2f}%; gain "
-               f"{own['psnr'] - mean['psnr']:+.2f} dB, {own['acc'] - mean['acc']:+.2f} points")
+               f"{mean['psnr_gain']:+.3f} ± {mean['psnr_se']:.3f} dB, {points} (± one "
+               "standard error, paired)")
 
 
 def report_linear_evaluation(trainer, data):

@@ -279,6 +279,50 @@ def _summary(totals, T, boxed):
 
 
 @torch.no_grad()
+def paired_difference(pair, loader, train_cfg: TrainConfig, device, procs=SINGLE_PROCESS):
+    """Every image of `loader` through the two models of `pair` (--M paths each, drawn as
+    evaluate draws them): how much better the first does, with one standard error over the
+    images. Both figures come from the same images, so the error is that of the paired
+    difference, far smaller than either model's spread from image to image.
+
+    Returns the second model's acc, mse and psnr, and the first's gains over it: acc_gain
+    (points) and acc_se; psnr_gain (dB) = 10 log10(mse_2 / mse_1) and psnr_se, by the delta
+    method: the standard error of the mean over images of e2_i / mse_2 - e1_i / mse_1, e_i
+    being image i's mean squared error, times 10 / ln 10 (NaN without a decoder).
+    """
+    first, second = pair
+    first.eval()
+    second.eval()
+    # images, correct (second), sum and sum of squares of correct_1 - correct_2; the squared
+    # errors' sums e1, e2, their squares' and their products'
+    sums = torch.zeros(9, dtype=torch.float64)
+    for images, labels, positions in loader:
+        x, y = to_float(images, device), labels.to(device, non_blocking=True)
+        probs_1, e1, _, _ = evaluate_batch(first, x, positions, train_cfg)
+        probs_2, e2, _, _ = evaluate_batch(second, x, positions, train_cfg)
+        c2 = (probs_2.argmax(-1) == y).double()
+        d = (probs_1.argmax(-1) == y).double() - c2  # (B,)
+        sums += torch.stack([torch.tensor(float(len(y)), dtype=torch.float64, device=d.device),
+                             c2.sum(), d.sum(), d.pow(2).sum(), e1.sum(), e2.sum(),
+                             e1.pow(2).sum(), e2.pow(2).sum(), (e1 * e2).sum()]).cpu()
+    return _paired_summary(all_reduce(sums, procs))
+
+
+def _paired_summary(totals):
+    """paired_difference's figures from its sums over the split."""
+    n, c2, d, d2, e1, e2, e1_sq, e2_sq, e12 = totals.tolist()
+    dof = max(n - 1, 1)
+    m1, m2 = e1 / n, e2 / n
+    # Var(e2_i / m2 - e1_i / m1); its mean is 0 by construction
+    var_u = e2_sq / n / m2**2 + e1_sq / n / m1**2 - 2 * e12 / n / (m1 * m2)
+    return {"acc": 100.0 * c2 / n, "mse": m2, "psnr": psnr(m2),
+            "acc_gain": 100.0 * d / n,
+            "acc_se": 100.0 * math.sqrt(max(d2 / n - (d / n) ** 2, 0.0) / dof),
+            "psnr_gain": psnr(m1) - psnr(m2),
+            "psnr_se": 10.0 / math.log(10.0) * math.sqrt(max(var_u, 0.0) / dof)}
+
+
+@torch.no_grad()
 def encode(model, loader, train_cfg: TrainConfig, device):
     """The frozen features that --linear_eval_features names, of every image of `loader`, from
     one glimpse path with the evaluation noise, and the labels: (N, D) and (N,) on the CPU.
@@ -674,11 +718,14 @@ class Trainer:
     def adaptivity(self, loader):
         """What content-driven attention buys: the figures of one path per image, each image
         glimpsed where the policy aims on it (no exploration noise), and the same with every
-        image glimpsed along the mean of those paths. Returns (own, mean), evaluate's dicts."""
+        image glimpsed along the mean of those paths. Returns (own, mean): evaluate's dict of
+        the own paths, and paired_difference's of the mean path, with the own paths' gains
+        over it and their standard errors."""
         one_path = replace(self.train_cfg, M=1)
         own = evaluate(Steered(self.model), loader, one_path, self.device, self.procs)
         mean_path = torch.tensor(own["loc_mean"], device=self.device)  # (T, 2)
-        mean = evaluate(Steered(self.model, mean_path), loader, one_path, self.device, self.procs)
+        mean = paired_difference((Steered(self.model), Steered(self.model, mean_path)), loader,
+                                 one_path, self.device, self.procs)
         return own, mean
 
     def linear_evaluation(self, loaders):
