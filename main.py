@@ -23,7 +23,9 @@ from utils import (
     UserError,
     WriteError,
     check_writable,
+    close_distributed,
     init_distributed,
+    leave,
     pick_device,
     run_lock,
     seed_everything,
@@ -276,8 +278,8 @@ def run(args, stop):
     except KeyboardInterrupt:
         return fail(procs, "interrupted", 130)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        trainer = None  # its DDP wrapper holds the process group
+        close_distributed()
     return 0
 
 
@@ -290,4 +292,4 @@ def fail(procs, message, code):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())

@@ -3,7 +3,9 @@
 import argparse
 import contextlib
 import errno
+import faulthandler
 import fcntl
+import gc
 import os
 import random
 import socket
@@ -83,11 +85,35 @@ def init_distributed(device):
     if world_size == 1:
         return Procs(), device
     procs = Procs(int(os.environ["RANK"]), world_size, int(os.environ["LOCAL_RANK"]))
+    # A rank that dies in C++ (SIGABRT, SIGSEGV) prints its Python stacks first, so that the
+    # job's log says where.
+    faulthandler.enable()
     if device.type == "cuda":
         device = torch.device("cuda", procs.local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return procs, device
+
+
+def close_distributed():
+    """Tear torchrun's process group down, if this process joined one, before the interpreter
+    exits: the DDP wrapper's reducer holds the group, so what still refers to it is collected
+    first, and the group's threads stop here, not in the interpreter's teardown."""
+    if dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def leave(code):
+    """Exit with `code`. Under torchrun, without the interpreter's teardown (os._exit, once the
+    output is flushed): a rank was seen to abort there now and then ("terminate called
+    without an active exception"), turning a finished job into a failed one. By then every
+    file is written and closed, and the process group is down (close_distributed)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def all_reduce(values, procs, op=None):
