@@ -191,20 +191,23 @@ def test(trainer, data):
 
 
 def report_adaptivity(trainer, loader):
-    """The adaptivity test's line: each gain with one standard error over the test images
-    (paired: both paths of the same images)."""
-    own, mean = trainer.adaptivity(loader)
-    points = f"{mean['acc_gain']:+.2f} ± {mean['acc_se']:.2f} points"
-    if not trainer.cfg.decoder:  # accuracy alone
-        print_main(trainer.procs, f"adaptivity (one path, no exploration noise): own paths "
-                   f"accuracy {own['acc']:.2f}%; every image on the mean path accuracy "
-                   f"{mean['acc']:.2f}%; gain {points} (± one standard error, paired)")
-        return
-    print_main(trainer.procs, f"adaptivity (one path, no exploration noise): own paths psnr "
-               f"{own['psnr']:.2f} dB, accuracy {own['acc']:.2f}%; every image on the mean "
-               f"path psnr {mean['psnr']:.2f} dB, accuracy {mean['acc']:.2f}%; gain "
-               f"{mean['psnr_gain']:+.3f} ± {mean['psnr_se']:.3f} dB, {points} (± one "
-               "standard error, paired)")
+    """The adaptivity test's lines: each image on its own path against the mean path, and
+    against another image's own path (the control); each gain with one standard error over
+    the test images (paired: every path on the same images)."""
+    own, mean, swapped = trainer.adaptivity(loader)
+    for other, name, label in ((mean, "the mean path", "adaptivity"),
+                               (swapped, "another test image's path", "adaptivity control")):
+        points = f"{other['acc_gain']:+.2f} ± {other['acc_se']:.2f} points"
+        if trainer.cfg.decoder:
+            mine = f"psnr {own['psnr']:.2f} dB, accuracy {own['acc']:.2f}%"
+            theirs = f"psnr {other['psnr']:.2f} dB, accuracy {other['acc']:.2f}%"
+            gain = f"{other['psnr_gain']:+.3f} ± {other['psnr_se']:.3f} dB, {points}"
+        else:  # accuracy alone
+            mine, theirs, gain = f"accuracy {own['acc']:.2f}%", \
+                f"accuracy {other['acc']:.2f}%", points
+        print_main(trainer.procs, f"{label} (one path, no exploration noise): own paths {mine}; "
+                   f"every image on {name} {theirs}; gain {gain} (± one standard error, "
+                   "paired)")
 
 
 def report_linear_evaluation(trainer, data):

@@ -103,7 +103,8 @@ class RecurrentAttention(nn.Module):
         return x * self.pixel_std + self.pixel_mean
 
     def _place(self, h, t, noise, path):
-        """Glimpse t's location, log-probability and aim: the policy's, or path[t] for all."""
+        """Glimpse t's location, log-probability and aim: the policy's, or path[t]: one
+        location for all (2,), or one per column (paths*B, 2)."""
         if path is None:
             return self.locator(h, t, None if noise is None else noise[t])
         l = path[t].to(h.dtype).expand(h.shape[0], 2)  # (paths*B, 2)
@@ -136,7 +137,8 @@ class RecurrentAttention(nn.Module):
                 column p*B + b of every output; the sensor's and the decoder's per-image work
                 is done once per image, not once per path.
             path: (T, 2) locations that every image is glimpsed at instead of where the policy
-                would look (the adaptivity test), or None.
+                would look, or (T, paths*B, 2), a path per column (the adaptivity test), or
+                None.
             A model without a decoder (pure RAM) decodes nothing whatever `decode` says.
 
         Returns:
@@ -196,6 +198,25 @@ class Steered(nn.Module):
         if self.path is None and noise is not None:
             noise = torch.zeros_like(noise)
         return self.model(x, decode=decode, noise=noise, paths=paths, path=self.path)
+
+
+class Swapped(nn.Module):
+    """The adaptivity test's control: each image of a batch glimpsed along the path the policy
+    aims at on the previous image of the batch (the first along the last's), without
+    exploration noise; a batch of one image keeps its own. A path that suits its own image
+    better than another's follows the content; one that only suits the model (trained on
+    paths of its kind) does as well on either. Called like the model, one path per image."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.cfg = model, model.cfg
+
+    def forward(self, x, decode="every", noise=None, paths=1):
+        if paths != 1:
+            raise ValueError(f"Swapped runs one path per image, got paths={paths}")
+        zero = None if noise is None else torch.zeros_like(noise)
+        aims = self.model(x, decode="last", noise=zero).loc_means  # (T, B, 2)
+        return self.model(x, decode=decode, path=aims.roll(1, dims=1))
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from model import (
     LossWeights,
     RecurrentAttention,
     Steered,
+    Swapped,
     compute_losses,
     distinct_glimpses,
     glimpse_hits,
@@ -718,15 +719,17 @@ class Trainer:
     def adaptivity(self, loader):
         """What content-driven attention buys: the figures of one path per image, each image
         glimpsed where the policy aims on it (no exploration noise), and the same with every
-        image glimpsed along the mean of those paths. Returns (own, mean): evaluate's dict of
-        the own paths, and paired_difference's of the mean path, with the own paths' gains
-        over it and their standard errors."""
+        image glimpsed along the mean of those paths, and, as the control, along another
+        image's own path (Swapped). Returns (own, mean, swapped): evaluate's dict of the own
+        paths, and paired_difference's of the other two, each with the own paths' gains over
+        it and their standard errors."""
         one_path = replace(self.train_cfg, M=1)
         own = evaluate(Steered(self.model), loader, one_path, self.device, self.procs)
         mean_path = torch.tensor(own["loc_mean"], device=self.device)  # (T, 2)
-        mean = paired_difference((Steered(self.model), Steered(self.model, mean_path)), loader,
-                                 one_path, self.device, self.procs)
-        return own, mean
+        mean, swapped = (paired_difference((Steered(self.model), other), loader, one_path,
+                                           self.device, self.procs)
+                         for other in (Steered(self.model, mean_path), Swapped(self.model)))
+        return own, mean, swapped
 
     def linear_evaluation(self, loaders):
         """Offline linear evaluation: a logistic regression on the frozen features

@@ -7,7 +7,7 @@ import torch
 
 from config import TrainConfig
 from data_loader import Batching, ImageBatches, make_loader, to_float
-from model import RecurrentAttention
+from model import RecurrentAttention, Swapped
 from modules import ModelConfig
 from trainer import evaluate, evaluate_batch, paired_difference
 
@@ -104,3 +104,22 @@ def test_the_paired_gain_and_its_standard_errors_match_the_per_image_figures():
     same = paired_difference((models[0], models[0]), loader, cfg, CPU)
     assert same["acc_gain"] == same["acc_se"] == 0 and abs(same["psnr_gain"]) < 1e-12
     assert same["psnr_se"] < 1e-6
+
+
+def test_the_control_glimpses_each_image_along_another_images_own_path():
+    torch.manual_seed(0)
+    model = RecurrentAttention(ModelConfig(glimpse_hidden=16, loc_hidden=16, hidden_size=32,
+                                           num_glimpses=3)).eval()
+    with torch.no_grad():  # a policy whose aims differ from image to image
+        model.locator.fc_mu.weight.mul_(50)
+    x = torch.rand(4, 3, 32, 32)
+    zero = torch.zeros(3, 4, 2)
+    with torch.no_grad():
+        aims = model(x, decode="last", noise=zero).loc_means  # (T, B, 2)
+        got = Swapped(model)(x, decode="last", noise=zero)
+        assert (aims[:, 0] - aims[:, 1]).abs().max() > 0.05
+        for b in range(4):
+            alone = model(x[b:b + 1], decode="last", path=aims[:, b - 1])  # the previous's
+            assert torch.allclose(got.locations[:, b], aims[:, b - 1])
+            assert torch.allclose(got.errors[-1][b], alone.errors[-1][0], atol=1e-6)
+            assert torch.allclose(got.log_probs[b], alone.log_probs[0], atol=1e-5)

@@ -81,6 +81,8 @@ def test_the_test_reports_adaptivity_and_the_linear_evaluation(tiny_cifar, tmp_p
     out = capsys.readouterr().out
     assert "distinct glimpses" in out
     assert "adaptivity (one path, no exploration noise)" in out and "gain" in out
+    assert "adaptivity control (one path, no exploration noise)" in out
+    assert "every image on another test image's path" in out
     assert "linear evaluation of the frozen code (summed states" in out
     assert main.main([*common, "--is_train=false", "--linear_eval=true",
                       "--linear_eval_features=glimpses"]) == 0
