@@ -201,7 +201,7 @@ def report_adaptivity(trainer, loader):
         if trainer.cfg.decoder:
             mine = f"psnr {own['psnr']:.2f} dB, accuracy {own['acc']:.2f}%"
             theirs = f"psnr {other['psnr']:.2f} dB, accuracy {other['acc']:.2f}%"
-            gain = f"{other['psnr_gain']:+.3f} ± {other['psnr_se']:.3f} dB, {points}"
+            gain = f"{other['psnr_gain']:+.4f} ± {other['psnr_se']:.4f} dB, {points}"
         else:  # accuracy alone
             mine, theirs, gain = f"accuracy {own['acc']:.2f}%", \
                 f"accuracy {other['acc']:.2f}%", points

@@ -204,8 +204,13 @@ class Swapped(nn.Module):
     """The adaptivity test's control: each image of a batch glimpsed along the path the policy
     aims at on the previous image of the batch (the first along the last's), without
     exploration noise; a batch of one image keeps its own. A path that suits its own image
-    better than another's follows the content; one that only suits the model (trained on
-    paths of its kind) does as well on either. Called like the model, one path per image."""
+    better than another's fits it; but a model trained on its exact paths may also lose on any
+    path moved off them, so the control alone does not prove the fit is to the content.
+    The pairing follows the batches: under torchrun each process pairs within its own share,
+    so the figures depend on the batch size and the process count (the mean-path test's do
+    not). Neighbouring images share a path, so the standard error that paired_difference
+    gives, which treats images as independent, may be somewhat too small for this control.
+    Called like the model, one path per image."""
 
     def __init__(self, model):
         super().__init__()

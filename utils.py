@@ -78,7 +78,8 @@ SINGLE_PROCESS = Procs()
 def init_distributed(device):
     """Join torchrun's process group when its environment is set; plain runs get Procs().
 
-    gloo on the CPU, nccl on CUDA with one GPU per process (cuda:LOCAL_RANK).
+    gloo on the CPU; on CUDA nccl, one GPU per process (cuda:LOCAL_RANK), with gloo beside it
+    for the CPU tensors.
     Returns the Procs and the device this process uses.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -91,7 +92,9 @@ def init_distributed(device):
     if device.type == "cuda":
         device = torch.device("cuda", procs.local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # On CUDA, nccl for the model's tensors and gloo for the CPU ones (the evaluation's sums,
+    # the gathered random states): nccl alone has no CPU backend.
+    dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return procs, device
 
 

@@ -87,3 +87,8 @@ def test_test_split_figures_do_not_depend_on_the_process_count(tiny_cifar, tmp_p
 
     assert figures(one.stdout) == figures(two.stdout)
     assert sum(line.startswith("test ") for line in two.stdout.splitlines()) == 1  # rank 0
+
+    def adaptivity(text):  # the mean-path test: its sums are added up over the processes
+        return next(line for line in text.splitlines() if line.startswith("adaptivity ("))
+
+    assert adaptivity(one.stdout) == adaptivity(two.stdout)

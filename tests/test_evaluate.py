@@ -109,14 +109,14 @@ def test_the_paired_gain_and_its_standard_errors_match_the_per_image_figures():
 def test_the_control_glimpses_each_image_along_another_images_own_path():
     torch.manual_seed(0)
     model = RecurrentAttention(ModelConfig(glimpse_hidden=16, loc_hidden=16, hidden_size=32,
-                                           num_glimpses=3)).eval()
+                                           num_glimpses=3, std=0.3)).eval()
     with torch.no_grad():  # a policy whose aims differ from image to image
         model.locator.fc_mu.weight.mul_(50)
     x = torch.rand(4, 3, 32, 32)
-    zero = torch.zeros(3, 4, 2)
     with torch.no_grad():
-        aims = model(x, decode="last", noise=zero).loc_means  # (T, B, 2)
-        got = Swapped(model)(x, decode="last", noise=zero)
+        aims = model(x, decode="last", noise=torch.zeros(3, 4, 2)).loc_means  # (T, B, 2)
+        # evaluation noise is handed in, as evaluate does; the control must not use it
+        got = Swapped(model)(x, decode="last", noise=torch.randn(3, 4, 2))
         assert (aims[:, 0] - aims[:, 1]).abs().max() > 0.05
         for b in range(4):
             alone = model(x[b:b + 1], decode="last", path=aims[:, b - 1])  # the previous's
