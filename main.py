@@ -195,19 +195,19 @@ def report_adaptivity(trainer, loader):
     against another image's own path (the control); each gain with one standard error over
     the test images (paired: every path on the same images)."""
     own, mean, swapped = trainer.adaptivity(loader)
+    decoder = trainer.cfg.decoder  # without one, accuracy alone
+
+    def figures(m):
+        return (f"psnr {m['psnr']:.2f} dB, " if decoder else "") + f"accuracy {m['acc']:.2f}%"
+
     for other, name, label in ((mean, "the mean path", "adaptivity"),
                                (swapped, "another test image's path", "adaptivity control")):
         points = f"{other['acc_gain']:+.2f} ± {other['acc_se']:.2f} points"
-        if trainer.cfg.decoder:
-            mine = f"psnr {own['psnr']:.2f} dB, accuracy {own['acc']:.2f}%"
-            theirs = f"psnr {other['psnr']:.2f} dB, accuracy {other['acc']:.2f}%"
-            gain = f"{other['psnr_gain']:+.4f} ± {other['psnr_se']:.4f} dB, {points}"
-        else:  # accuracy alone
-            mine, theirs, gain = f"accuracy {own['acc']:.2f}%", \
-                f"accuracy {other['acc']:.2f}%", points
-        print_main(trainer.procs, f"{label} (one path, no exploration noise): own paths {mine}; "
-                   f"every image on {name} {theirs}; gain {gain} (± one standard error, "
-                   "paired)")
+        gain = f"{other['psnr_gain']:+.4f} ± {other['psnr_se']:.4f} dB, {points}" if decoder \
+            else points
+        print_main(trainer.procs, f"{label} (one path, no exploration noise): own paths "
+                   f"{figures(own)}; every image on {name} {figures(other)}; gain {gain} (± one "
+                   "standard error, paired)")
 
 
 def report_linear_evaluation(trainer, data):

@@ -75,6 +75,11 @@ class Procs:
 SINGLE_PROCESS = Procs()
 
 
+def torchrun_world_size():
+    """The number of processes torchrun started (its WORLD_SIZE), 1 in a plain run."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_distributed(device):
     """Join torchrun's process group when its environment is set; plain runs get Procs().
 
@@ -82,7 +87,7 @@ def init_distributed(device):
     for the CPU tensors.
     Returns the Procs and the device this process uses.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = torchrun_world_size()
     if world_size == 1:
         return Procs(), device
     procs = Procs(int(os.environ["RANK"]), world_size, int(os.environ["LOCAL_RANK"]))
@@ -112,7 +117,7 @@ def leave(code):
     output is flushed): a rank was seen to abort there now and then ("terminate called
     without an active exception"), turning a finished job into a failed one. By then every
     file is written and closed, and the process group is down (close_distributed)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if torchrun_world_size() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
